@@ -1,0 +1,215 @@
+"""The DataModule shared by all task families: read splits, hold out validation, sample few-shot,
+tokenize once in ``setup`` and pad dynamically per batch."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections import defaultdict
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from datamodules.encoding import TemplateTokenizer
+from datamodules.readers import DataError, read_split
+from prompt_methods.backbone import detect_kind, load_config, load_tokenizer
+from tasks.spec import SplitSource, TaskSpec, load_task
+
+DEFAULT_DATA_DIR = os.environ.get("PROMPTLIT_DATA", "../shared/data")
+SPLITS = ("train", "validation", "test", "predict")
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Reads a task's splits and turns them into prompt batches for any method.
+
+    Args:
+        task: built-in task name (``tasks/<name>.yaml``) or a task YAML path.
+        backbone: backbone alias, folder or hub id; linked from ``model.init_args.backbone``.
+        backbone_kind: ``auto`` or causal/mlm/seq2seq/encoder; linked from the model.
+        data_dir: folder that relative split files are read from.
+        template: overrides the task's template.
+        label_words: overrides the task's label words (label -> word or list of words).
+        train_file: overrides the train split file (any csv/tsv/json/jsonl/parquet).
+        validation_file: overrides the validation split file; without one, validation is held out of train.
+        test_file: overrides the test split file.
+        predict_file: file to run ``predict`` on; defaults to the test split.
+        rename: column mapping for the override files (file column -> task field or ``label``).
+        max_length: the most tokens in one prompt; only input fields are truncated.
+        batch_size: training batch size.
+        eval_batch_size: batch size for validation, test and predict.
+        few_shot_k: sample K training (and K validation) examples per class.
+        max_train_samples: cap on training examples after few-shot sampling.
+        max_eval_samples: cap on validation and test examples.
+        validation_size: examples held out of train for validation when the task has no dev set;
+            defaults to the task's ``validation_size``.
+        split_seed: seed of the held-out validation split, fixed so all runs share one validation set.
+        seed: seed for few-shot sampling and shuffling.
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        task: str = "sst2",
+        backbone: str = "smollm2-135m",
+        backbone_kind: str = "auto",
+        data_dir: str = DEFAULT_DATA_DIR,
+        template: str | None = None,
+        label_words: dict[str, str | list[str]] | None = None,
+        train_file: str | None = None,
+        validation_file: str | None = None,
+        test_file: str | None = None,
+        predict_file: str | None = None,
+        rename: dict[str, str] | None = None,
+        max_length: int = 256,
+        batch_size: int = 16,
+        eval_batch_size: int = 32,
+        few_shot_k: int | None = None,
+        max_train_samples: int | None = None,
+        max_eval_samples: int | None = None,
+        validation_size: int | None = None,
+        split_seed: int = 1234,
+        seed: int = 42,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.spec: TaskSpec = load_task(task)
+        for key, path in (("train", train_file), ("validation", validation_file), ("test", test_file), ("predict", predict_file)):
+            if path:
+                self.spec.splits[key] = SplitSource(file=path, rename=rename or {})
+        if label_words:
+            self.spec.label_words = {str(k): [v] if isinstance(v, str) else list(v) for k, v in label_words.items()}
+        self.template = self.spec.parsed_template(template).require_mask()
+        self.labels = self.spec.labels or sorted(self.spec.label_words)
+        missing = [lab for lab in self.labels if not self.spec.label_words.get(lab)]
+        if missing:
+            raise DataError(f"data.init_args.label_words: no words for label(s) {missing}")
+        self.tokenizer = load_tokenizer(backbone)
+        self.kind = detect_kind(load_config(backbone)[1]) if backbone_kind == "auto" else backbone_kind
+        self.verbalizer = self._tokenize_label_words()
+        mask_tokens = max(len(w) for words in self.verbalizer for w in words)
+        self.encoder = TemplateTokenizer(self.tokenizer, self.template, self.kind, max_length, mask_tokens)
+        self.datasets: dict[str, list[dict]] = {}
+
+    # ------------------------------------------------------------------ labels
+    def _tokenize_label_words(self) -> list[list[list[int]]]:
+        """Token ids of every word of every label, tokenized as they follow the template's ``{mask}``."""
+        space = TemplateTokenizer.mask_space(self.template)
+        out = []
+        for label in self.labels:
+            words = []
+            for word in self.spec.label_words[label]:
+                ids = self.tokenizer(space + word.strip(), add_special_tokens=False)["input_ids"]
+                if not ids:
+                    raise DataError(f"data.init_args.label_words: word {word!r} of label {label!r} tokenizes to nothing")
+                words.append(ids)
+            out.append(words)
+        return out
+
+    def label_index(self, row: dict, origin: str) -> int:
+        label = str(row["label"])
+        try:
+            return self.labels.index(label)
+        except ValueError:
+            raise DataError(
+                f"{origin} ({row.get('id')}): label {label!r} is not in data.init_args.label_words "
+                f"(known: {', '.join(self.labels)})"
+            ) from None
+
+    # ------------------------------------------------------------------ splits
+    def _read(self, split: str) -> list[dict]:
+        required = list(self.template.fields) + (["label"] if split != "predict" else [])
+        return read_split(self.spec.splits[split], self.hparams.data_dir, split, required)
+
+    def _per_class(self, rows: list[dict], k: int, rng: random.Random) -> list[dict]:
+        by_label = defaultdict(list)
+        for row in rows:
+            by_label[str(row["label"])].append(row)
+        picked = []
+        for label in self.labels:
+            pool = by_label.get(label, [])
+            picked += rng.sample(pool, min(k, len(pool)))
+        rng.shuffle(picked)
+        return picked
+
+    def load_rows(self) -> dict[str, list[dict]]:
+        """All splits as row dicts, after held-out validation and few-shot sampling."""
+        hp = self.hparams
+        splits = {name: self._read(name) for name in ("train", "validation", "test", "predict") if name in self.spec.splits}
+        if "validation" not in splits:
+            size = hp.validation_size if hp.validation_size is not None else self.spec.validation_size
+            if size <= 0 or size >= len(splits["train"]):
+                raise DataError(f"data.init_args.validation_size={size} does not fit a train split of {len(splits['train'])}")
+            order = list(range(len(splits["train"])))
+            random.Random(hp.split_seed).shuffle(order)
+            held = set(order[:size])
+            splits["validation"] = [r for i, r in enumerate(splits["train"]) if i in held]
+            splits["train"] = [r for i, r in enumerate(splits["train"]) if i not in held]
+        rng = random.Random(hp.seed)
+        if hp.few_shot_k:
+            splits["train"] = self._per_class(splits["train"], hp.few_shot_k, rng)
+            splits["validation"] = self._per_class(splits["validation"], hp.few_shot_k, rng)
+        if hp.max_train_samples:
+            splits["train"] = rng.sample(splits["train"], min(hp.max_train_samples, len(splits["train"])))
+        if hp.max_eval_samples:
+            for name in ("validation", "test"):
+                if name in splits:
+                    splits[name] = splits[name][: hp.max_eval_samples]
+        splits.setdefault("predict", splits.get("test", []))
+        return splits
+
+    def encode_row(self, row: dict, split: str) -> dict:
+        enc = self.encoder.encode(row)
+        item = {"id": str(row["id"]), "input_ids": enc.input_ids, "soft_index": enc.soft_index, "answer_pos": enc.answer_pos}
+        if split != "predict" or "label" in row:
+            item["label"] = self.label_index(row, f"{split} split")
+        return item
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        for split, rows in self.load_rows().items():
+            self.datasets[split] = [self.encode_row(r, split) for r in rows]
+
+    # ------------------------------------------------------------------ batches
+    def collate(self, items: list[dict]) -> dict:
+        """Pad to the longest item: on the left for causal backbones (answer at the last position)."""
+        pad_id = self.tokenizer.pad_token_id
+        length = max(len(it["input_ids"]) for it in items)
+        left = self.kind == "causal"
+        batch = {k: torch.full((len(items), length), v, dtype=torch.long) for k, v in (("input_ids", pad_id), ("soft_index", -1), ("attention_mask", 0))}
+        answer = []
+        for i, it in enumerate(items):
+            n = len(it["input_ids"])
+            sl = slice(length - n, length) if left else slice(0, n)
+            batch["input_ids"][i, sl] = torch.tensor(it["input_ids"])
+            batch["soft_index"][i, sl] = torch.tensor(it["soft_index"])
+            batch["attention_mask"][i, sl] = 1
+            answer.append(it["answer_pos"] + (length - n if left else 0))
+        batch["answer_pos"] = torch.tensor(answer)
+        if all("label" in it for it in items):
+            batch["labels"] = torch.tensor([it["label"] for it in items])
+        batch["ids"] = [it["id"] for it in items]
+        return batch
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if split not in self.datasets:
+            self.setup()
+        size = self.hparams.batch_size if split == "train" else self.hparams.eval_batch_size
+        gen = torch.Generator().manual_seed(self.hparams.seed)
+        return DataLoader(self.datasets[split], batch_size=size, shuffle=shuffle, collate_fn=self.collate,
+                          num_workers=self.hparams.num_workers, generator=gen if shuffle else None)
+
+    def train_dataloader(self):
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader("validation", shuffle=False)
+
+    def test_dataloader(self):
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self):
+        return self._loader("predict", shuffle=False)

@@ -1,0 +1,144 @@
+"""Template + tokenizer -> token ids, with the answer slot, learnable slots and truncation.
+
+The answer slot is rendered by backbone kind:
+
+* ``causal``: the prompt ends right before the slot; the answer is read at the last position and
+  everything after ``{mask}`` is dropped (a causal model cannot see it anyway).
+* ``mlm`` / ``encoder``: the tokenizer's mask token, repeated once per token of the longest label
+  word for ``mlm``.
+* ``seq2seq``: the first sentinel (``<extra_id_0>``) or the mask token; the decoder scores the answer.
+
+Learnable slots get the pad id as a placeholder and their slot number in ``soft_index``
+(-1 elsewhere). Only input fields are truncated, longest first; template text, slots and special
+tokens are never cut.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from tasks.template import Field, Mask, Soft, Template, TemplateError, Text
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    soft_index: list[int]
+    answer_pos: int
+
+
+def special_affixes(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    """The special tokens a tokenizer puts before and after a sequence (e.g. [CLS] / [SEP])."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    start = next(i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain)
+    return full[:start], full[start + len(plain):]
+
+
+class TemplateTokenizer:
+    """Tokenizes examples through a template for one backbone kind.
+
+    Args:
+        tokenizer: the backbone's tokenizer.
+        template: the parsed template.
+        kind: backbone kind (causal, mlm, seq2seq, encoder).
+        max_length: the most tokens a prompt may have (``data.init_args.max_length``).
+        mask_tokens: how many mask tokens the slot takes for ``mlm`` backbones.
+    """
+
+    def __init__(self, tokenizer, template: Template, kind: str, max_length: int, mask_tokens: int = 1):
+        self.tokenizer = tokenizer
+        self.template = template
+        self.kind = kind
+        self.max_length = max_length
+        self.prefix, self.suffix = special_affixes(tokenizer)
+        if kind == "causal":
+            self.suffix = []  # nothing may follow the answer position
+        self.mask_ids = self._mask_ids(mask_tokens)
+        self._text_ids = {id(p): self._tok(p.text) for p in template.pieces if isinstance(p, Text)}
+        fixed = len(self.prefix) + len(self.suffix) + sum(self._fixed_len(p) for p in self._pieces())
+        if fixed >= max_length:
+            raise TemplateError(
+                f"data.init_args.max_length={max_length} is shorter than the template itself "
+                f"({fixed} tokens without any input) for {template.source!r}"
+            )
+        self.budget = max_length - fixed
+
+    def _tok(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _mask_ids(self, count: int) -> list[int]:
+        if self.kind == "causal":
+            return []
+        if self.kind == "seq2seq" and "<extra_id_0>" in self.tokenizer.get_vocab():
+            return [self.tokenizer.convert_tokens_to_ids("<extra_id_0>")]
+        if self.tokenizer.mask_token_id is None:
+            raise TemplateError(f"{self.template.key}: the tokenizer has no mask token for the {{mask}} slot")
+        return [self.tokenizer.mask_token_id] * (count if self.kind == "mlm" else 1)
+
+    def _pieces(self):
+        """Pieces that produce tokens; for causal backbones, everything up to the answer slot."""
+        pieces = self.template.pieces
+        if self.kind == "causal":
+            cut = next((i for i, p in enumerate(pieces) if isinstance(p, Mask)), len(pieces))
+            pieces = pieces[: cut + 1]
+        return pieces
+
+    def _fixed_len(self, piece) -> int:
+        if isinstance(piece, Text):
+            return len(self._text_ids[id(piece)])
+        if isinstance(piece, Soft):
+            return piece.count
+        if isinstance(piece, Mask):
+            return len(self.mask_ids)
+        return 0
+
+    @staticmethod
+    def mask_space(template: Template) -> str:
+        """Whitespace the template puts before ``{mask}``; label words are tokenized with it."""
+        mask = next((p for p in template.pieces if isinstance(p, Mask)), None)
+        return mask.space if mask else ""
+
+    def encode_fields(self, example: dict) -> dict[str, list[int]]:
+        """Tokenize the input fields of one example, truncated to the budget, longest first."""
+        ids = {}
+        for piece in self._pieces():
+            if isinstance(piece, Field):
+                value = example.get(piece.name)
+                value = "" if value is None else str(value).strip()
+                ids[piece.name] = self._tok(piece.space + value) if value else []
+        total = sum(len(v) for v in ids.values())
+        while total > self.budget:
+            longest = max(ids, key=lambda k: len(ids[k]))
+            runner_up = max((len(v) for k, v in ids.items() if k != longest), default=0)
+            cut = min(total - self.budget, max(1, len(ids[longest]) - runner_up))
+            ids[longest] = ids[longest][: len(ids[longest]) - cut]
+            total -= cut
+        return ids
+
+    def encode(self, example: dict) -> Encoded:
+        fields = self.encode_fields(example)
+        input_ids = list(self.prefix)
+        soft_index = [-1] * len(input_ids)
+        answer_pos, slot = None, 0
+        pad = self.tokenizer.pad_token_id
+        for piece in self._pieces():
+            if isinstance(piece, Text):
+                chunk, soft = self._text_ids[id(piece)], None
+            elif isinstance(piece, Field):
+                chunk, soft = fields[piece.name], None
+            elif isinstance(piece, Soft):
+                chunk, soft = [pad] * piece.count, list(range(slot, slot + piece.count))
+                slot += piece.count
+            else:  # Mask
+                answer_pos = len(input_ids) if self.mask_ids else None
+                chunk, soft = self.mask_ids, None
+            input_ids += chunk
+            soft_index += soft if soft is not None else [-1] * len(chunk)
+        input_ids += self.suffix
+        soft_index += [-1] * len(self.suffix)
+        if answer_pos is None:
+            answer_pos = len(input_ids) - 1 if self.kind == "causal" else 0
+        return Encoded(input_ids, soft_index, answer_pos)

@@ -1,0 +1,147 @@
+"""Readers: a split source (file or hub dataset) to a list of row dicts.
+
+Every row gets an ``id`` (``<split>-<index>`` unless the file has one). Errors name the
+file, and for line-based formats the line number, so a broken row is easy to find.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Callable
+
+from tasks.spec import SplitSource
+
+
+class DataError(ValueError):
+    """A data file that is missing, empty or malformed."""
+
+
+def _read_delimited(path: Path, src: SplitSource, delimiter: str) -> list[dict]:
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE)
+        header = src.columns
+        for lineno, values in enumerate(reader, start=1):
+            if header is None:
+                header = [h.strip() for h in values]
+                continue
+            if not values:
+                continue
+            if len(values) != len(header):
+                raise DataError(f"{path}:{lineno}: expected {len(header)} columns {header}, found {len(values)}")
+            rows.append(dict(zip(header, values)))
+    return rows
+
+
+def _read_jsonl(path: Path, src: SplitSource) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object per line")
+            rows.append(row)
+    return rows
+
+
+def _read_json(path: Path, src: SplitSource) -> list[dict]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise DataError(f"{path}: expected a JSON list of objects (or {{'data': [...]}})")
+    return data
+
+
+def _read_parquet(path: Path, src: SplitSource) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as err:  # pyarrow raises several types for a bad file
+        raise DataError(f"{path}: not a readable parquet file ({err})") from None
+
+
+def _read_trec(path: Path, src: SplitSource) -> list[dict]:
+    """TREC's ``COARSE:fine question`` lines (latin-1 in the original release)."""
+    rows = []
+    with open(path, encoding="latin-1") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            label, _, question = line.strip().partition(" ")
+            coarse, colon, fine = label.partition(":")
+            if not colon or not question:
+                raise DataError(f"{path}:{lineno}: expected 'COARSE:fine question'")
+            rows.append({"label": coarse, "fine_label": fine, "question": question})
+    return rows
+
+
+READERS: dict[str, Callable[[Path, SplitSource], list[dict]]] = {
+    "csv": lambda p, s: _read_delimited(p, s, ","),
+    "tsv": lambda p, s: _read_delimited(p, s, "\t"),
+    "json": _read_json,
+    "jsonl": _read_jsonl,
+    "parquet": _read_parquet,
+    "trec": _read_trec,
+}
+
+
+def _read_hub(src: SplitSource) -> list[dict]:
+    import datasets
+
+    name, _, config = src.hub.partition(":")
+    try:
+        ds = datasets.load_dataset(name, config or None, split=src.split or "train")
+    except Exception as err:
+        raise DataError(f"hub dataset '{src.hub}' split '{src.split}' could not be loaded: {err}") from None
+    return list(ds)
+
+
+def read_split(src: SplitSource, data_dir: str | Path, split: str, required: list[str]) -> list[dict]:
+    """Read one split and apply column names, renames and the label map.
+
+    Args:
+        src: where the split lives.
+        data_dir: base folder for relative paths.
+        split: split name, used for row ids and in errors.
+        required: columns every row must have after renaming (fields and ``label``).
+    """
+    if src.hub:
+        rows, origin = _read_hub(src), f"hub dataset '{src.hub}'"
+    else:
+        path = Path(src.file).expanduser()
+        if not path.is_absolute():
+            path = Path(data_dir) / path
+        if not path.is_file():
+            raise DataError(f"{split} file not found: {path}")
+        if path.stat().st_size == 0:
+            raise DataError(f"{split} file is empty: {path}")
+        fmt = src.format or path.suffix.lstrip(".").lower()
+        if fmt not in READERS:
+            raise DataError(f"{path}: unknown format '{fmt}'; known: {', '.join(READERS)}")
+        rows, origin = READERS[fmt](path, src), str(path)
+    if not rows:
+        raise DataError(f"{origin}: no rows")
+    out = []
+    for index, row in enumerate(rows):
+        row = {src.rename.get(k, k): v for k, v in row.items()}
+        if "label" in row and src.label_map:
+            row["label"] = src.label_map.get(str(row["label"]), row["label"])
+        row.setdefault("id", f"{split}-{index}")
+        out.append(row)
+    missing = [c for c in required if c not in out[0]]
+    if missing:
+        raise DataError(f"{origin}: missing column(s) {missing}; found {sorted(out[0])}. Map them with 'rename'.")
+    return out

@@ -1,0 +1,234 @@
+"""PromptModule: the LightningModule every method shares.
+
+It owns the backbone, freezing, the readout, the shared step, metrics, the optimizer and what a
+checkpoint keeps. A method changes only how the backbone is fed, by overriding
+:meth:`PromptModule.feed` (and adding its own parameters).
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MaxMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from prompt_methods.backbone import BackboneError, load_backbone, load_tokenizer
+from prompt_methods.readout import Feed, build_readout
+
+
+def freeze_except(module: nn.Module, trainable: set[str]) -> None:
+    """Freeze every parameter of ``module`` whose name does not start with one of ``trainable``."""
+    for name, param in module.named_parameters():
+        param.requires_grad_(any(name == t or name.startswith(t + ".") for t in trainable))
+
+
+def count_params(module: nn.Module) -> tuple[int, int]:
+    params = list(module.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+class PromptModule(L.LightningModule):
+    """Base of every method.
+
+    Args:
+        backbone: alias (``smollm2-135m``, ``minilm-l6``), local model folder or hub id.
+        backbone_kind: ``auto`` or one of causal, mlm, seq2seq, encoder.
+        verbalizer: token ids per label per word; linked from ``data.verbalizer`` by the CLI.
+        readout: ``auto``, ``label_words`` or ``head``.
+        tune_backbone: train the backbone's weights too (prompt-based fine-tuning).
+        length_norm: divide multi-token word scores by their token count.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_ratio: fraction of steps with linear warm-up, followed by linear decay.
+        backbone_dtype: ``auto`` keeps a frozen backbone in bf16 when the trainer runs bf16, else fp32;
+            or ``float32`` / ``bfloat16``. Method parameters always stay fp32.
+        attn_implementation: ``auto`` (eager on CPU, sdpa on GPU), ``eager`` or ``sdpa``.
+        trust_remote_code: allow model code from the hub; off unless set.
+    """
+
+    #: parameter-name prefixes the method trains (besides the readout head)
+    method_params: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        backbone: str = "smollm2-135m",
+        backbone_kind: str = "auto",
+        verbalizer: list[list[list[int]]] | None = None,
+        readout: str = "auto",
+        tune_backbone: bool = False,
+        length_norm: bool = False,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.0,
+        backbone_dtype: str = "auto",
+        attn_implementation: str = "auto",
+        trust_remote_code: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["verbalizer"])
+        if not verbalizer:
+            raise ValueError("model.init_args.verbalizer is empty: the CLI links it from the data module's label words")
+        if backbone_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"model.init_args.backbone_dtype: '{backbone_dtype}' is not auto, float32 or bfloat16")
+        self.backbone, self.kind = load_backbone(backbone, backbone_kind, trust_remote_code)
+        self.tokenizer = load_tokenizer(backbone, trust_remote_code)
+        if len(self.tokenizer) > self.backbone.get_input_embeddings().num_embeddings:
+            self.backbone.resize_token_embeddings(len(self.tokenizer))  # a pad token was added
+        self.verbalizer = verbalizer
+        vocab = self.tokenizer.get_vocab()
+        info = {"sentinel_id": vocab.get("<extra_id_0>")}
+        try:
+            self.readout = build_readout(readout, self.kind, self.backbone, verbalizer, length_norm, info)
+        except ValueError as err:
+            raise BackboneError(str(err)) from None
+        self.num_labels = len(verbalizer)
+        self.metrics = nn.ModuleDict({f"{s}_acc": MulticlassAccuracy(self.num_labels, average="micro") for s in ("train", "val", "test")})
+        self.val_acc_best = MaxMetric()
+        self.strict_loading = False  # checkpoints of frozen-backbone methods hold only trained weights
+
+    # ------------------------------------------------------------------ params
+    def configure_trainable(self) -> None:
+        """Freeze the backbone unless it is tuned; the method's modules and a readout head train."""
+        keep = set(self.method_params) | {"readout"}
+        if self.hparams.tune_backbone:
+            keep.add("backbone")
+        freeze_except(self, keep)
+        # a frozen backbone runs in eval mode (no dropout), a tuned one in train mode
+        self.backbone.train(self.hparams.tune_backbone)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.backbone.config.get_text_config().hidden_size
+
+    def embed(self, batch: dict) -> torch.Tensor:
+        """(B, T, H) token embeddings; a batch may carry ``inputs_embeds`` instead of ids."""
+        if "inputs_embeds" in batch:
+            return batch["inputs_embeds"]
+        return self.backbone.get_input_embeddings()(batch["input_ids"])
+
+    # ------------------------------------------------------------------ feeding
+    def position_ids(self, attention_mask: torch.Tensor, offset: int = 0) -> torch.Tensor | None:
+        """(B, T) positions that skip left padding; None where the backbone has no absolute positions."""
+        if self.kind == "seq2seq":
+            return None
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0) + offset
+
+    def feed(self, batch: dict) -> Feed:
+        """Turn a batch into backbone inputs. Methods override this; the base feeds the hard prompt."""
+        if (batch["soft_index"] >= 0).any():
+            raise ValueError(
+                f"data.init_args.template has {{soft}} slots, but {type(self).__name__} has no learnable tokens; "
+                "use a template without {soft:N} or a soft-prompt method"
+            )
+        mask = batch["attention_mask"]
+        return Feed(self.embed(batch), mask, batch["answer_pos"], self.position_ids(mask))
+
+    def feed_with_prompt(self, batch: dict, prompt: torch.Tensor, key: str) -> Feed:
+        """Put N prompt vectors (N, H) into the batch: at the template's ``{soft}`` slots if it has
+        any, else before the input (Lester et al.). ``key`` names the count in errors."""
+        embeds = self.embed(batch)  # (B, T, H)
+        prompt = prompt.to(embeds.dtype)
+        mask, answer, slots = batch["attention_mask"], batch["answer_pos"], batch["soft_index"]
+        n_slots = int(slots.max()) + 1
+        if n_slots > 0:
+            if n_slots != prompt.size(0):
+                raise ValueError(
+                    f"data.init_args.template has {n_slots} {{soft}} slots but {key} is {prompt.size(0)}; make them equal"
+                )
+            filled = prompt[slots.clamp(min=0)]  # (B, T, H)
+            embeds = torch.where((slots >= 0).unsqueeze(-1), filled, embeds)
+        else:
+            B = embeds.size(0)
+            embeds = torch.cat([prompt.unsqueeze(0).expand(B, -1, -1), embeds], 1)  # (B, N + T, H)
+            mask = torch.cat([mask.new_ones(B, prompt.size(0)), mask], 1)
+            answer = answer + prompt.size(0)
+        return Feed(embeds, mask, answer, self.position_ids(mask))
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Label scores (B, C) for a batch."""
+        return self.readout(self.backbone, self.feed(batch))
+
+    # ------------------------------------------------------------------ loop
+    def setup(self, stage: str) -> None:
+        self.configure_trainable()
+        precision = str(getattr(self.trainer, "precision", "32")) if self._trainer is not None else "32"
+        dtype = self.hparams.backbone_dtype
+        if dtype == "bfloat16" or (dtype == "auto" and precision.startswith("bf16") and not self.hparams.tune_backbone):
+            self.backbone.to(torch.bfloat16)
+        attn = self.hparams.attn_implementation
+        if attn == "auto":
+            attn = "eager" if self.device.type == "cpu" and self._trainer and self.trainer.strategy.root_device.type == "cpu" else "sdpa"
+        if hasattr(self.backbone, "set_attn_implementation"):
+            self.backbone.set_attn_implementation(attn)
+
+    def on_fit_start(self) -> None:
+        trainable, total = count_params(self)
+        for logger in self.loggers:
+            logger.log_metrics({"params/trainable": trainable, "params/total": total}, step=0)
+            logger.log_hyperparams({"trainable_params": trainable, "total_params": total})
+        self.print(f"{type(self).__name__}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.4f}%)")
+
+    def _step(self, batch: dict, split: str) -> torch.Tensor:
+        scores = self(batch)
+        loss = F.cross_entropy(scores.float(), batch["labels"])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{split} loss is {loss.item()} at global step {self.global_step}")
+        metric = self.metrics[f"{split}_acc"]
+        metric(scores, batch["labels"])
+        bs = len(batch["labels"])
+        self.log(f"{split}/loss", loss, prog_bar=split == "train", batch_size=bs, sync_dist=split != "train")
+        self.log(f"{split}/acc", metric, prog_bar=True, batch_size=bs, on_step=split == "train", on_epoch=True)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.val_acc_best(self.metrics["val_acc"].compute())
+            self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=False)
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, "test")
+
+    def predict_step(self, batch, batch_idx):
+        probs = self(batch).float().softmax(-1)
+        out = {"id": batch["ids"], "pred": probs.argmax(-1).tolist(), "probs": probs.tolist()}
+        if "labels" in batch:
+            out["label"] = batch["labels"].tolist()
+        return out
+
+    # ------------------------------------------------------------------ optim
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        self.print(f"optimizer groups: {sum(p.numel() for p in decay):,} params with decay, {sum(p.numel() for p in no_decay):,} without")
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.hparams.lr)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(self.hparams.warmup_ratio * total)
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return max(0.0, (total - step) / max(1, total - warmup))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep only trained weights (plus buffers of the method) when the backbone is frozen."""
+        if self.hparams.tune_backbone:
+            return
+        trained = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("backbone.") or k in trained}

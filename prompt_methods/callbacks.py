@@ -1,0 +1,74 @@
+"""Callbacks the CLI wires in: prediction files and the resolved config sent to the logger."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.cli import SaveConfigCallback
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a file so that a crash leaves either the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run_dir(trainer) -> Path:
+    """The folder of this run: ``<save_dir>/<project>/<run id>`` with a logger (where checkpoints go)."""
+    logger = trainer.logger
+    if logger is None or logger.save_dir is None:
+        return Path(trainer.default_root_dir)
+    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+    return Path(logger.save_dir) / str(logger.name) / version
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes ``predict`` output as JSON lines: id, predicted label, gold label (if any), probabilities.
+
+    Args:
+        output_file: where to write; default ``<log_dir>/predictions.jsonl``.
+    """
+
+    def __init__(self, output_file: str | None = None):
+        super().__init__(write_interval="epoch")
+        self.output_file = output_file
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices):
+        labels = trainer.datamodule.labels
+        lines = []
+        for batch in predictions:
+            for i, ident in enumerate(batch["id"]):
+                row = {"id": ident, "pred": labels[batch["pred"][i]],
+                       "probs": {lab: round(p, 6) for lab, p in zip(labels, batch["probs"][i])}}
+                if "label" in batch:
+                    row["label"] = labels[batch["label"][i]]
+                lines.append(json.dumps(row))
+        path = Path(self.output_file or run_dir(trainer) / "predictions.jsonl")
+        if trainer.world_size > 1:
+            path = path.with_suffix(f".rank{trainer.global_rank}.jsonl")
+        atomic_write_text(path, "\n".join(lines) + "\n")
+        print(f"wrote {len(lines)} predictions to {path}")
+
+
+class LoggedSaveConfig(SaveConfigCallback):
+    """Saves the resolved config in the run's folder and sends it to the logger as hyperparameters."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        atomic_write_text(run_dir(trainer) / self.config_filename, self.parser.dump(self.config, skip_none=False))
+        if trainer.logger is not None:
+            cfg = self.parser.dump(self.config, skip_none=False, format="json")
+            trainer.logger.log_hyperparams({"config": json.loads(cfg)})

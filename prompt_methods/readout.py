@@ -1,0 +1,202 @@
+"""How the answer is read: label-word scores from an LM head, or a classification head.
+
+Each readout maps a :class:`Feed` (what a method made of the batch) to label scores of shape
+(B, C). They know the backbone kind, never the method.
+
+* :class:`CausalLabelWords`: log p(word | prompt) at the last position; the LM head runs only
+  there. Multi-token words are scored as sequences: the prompt is encoded once and every label
+  continuation is scored against its cache, in one batched pass.
+* :class:`MaskedLabelWords`: log p at the mask slot(s) of a masked LM (one mask token per word token).
+* :class:`Seq2SeqLabelWords`: the decoder scores ``<extra_id_0> word`` against one encoder pass.
+* :class:`ClassificationHead`: a new linear layer on the hidden state at the answer position,
+  for encoders without an LM head and for the fine-tuning baseline.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Feed:
+    """What a method hands the backbone.
+
+    Attributes:
+        inputs_embeds: (B, T, H) input embeddings, prompt vectors already in place.
+        attention_mask: (B, P + T) with P prefix positions held in ``past_key_values``.
+        answer_pos: (B,) index in T where the answer is read.
+        position_ids: (B, T) or None for the backbone's default.
+        past_key_values: a transformers Cache holding a prefix, or None.
+    """
+
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    answer_pos: torch.Tensor
+    position_ids: torch.Tensor | None = None
+    past_key_values: object | None = None
+
+
+def base_forward(backbone, feed: Feed, use_cache: bool = False):
+    kwargs = dict(inputs_embeds=feed.inputs_embeds, attention_mask=feed.attention_mask, use_cache=use_cache)
+    if feed.position_ids is not None:
+        kwargs["position_ids"] = feed.position_ids
+    if feed.past_key_values is not None:
+        kwargs["past_key_values"] = feed.past_key_values
+    if backbone.config.is_encoder_decoder:
+        return backbone.get_encoder()(**{k: v for k, v in kwargs.items() if k != "use_cache"})
+    return backbone.base_model(**kwargs)
+
+
+def gather_positions(hidden: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """hidden (B, T, H), pos (B, K) -> (B, K, H)."""
+    return hidden.gather(1, pos.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))
+
+
+class _LabelWords(nn.Module):
+    """Holds the verbalizer as padded tensors: ``words`` (W, L) token ids, ``word_label`` (W,)."""
+
+    def __init__(self, verbalizer: list[list[list[int]]], length_norm: bool = False):
+        super().__init__()
+        flat = [(label, ids) for label, words in enumerate(verbalizer) for ids in words]
+        longest = max(len(ids) for _, ids in flat)
+        words = torch.zeros(len(flat), longest, dtype=torch.long)
+        lengths = torch.tensor([len(ids) for _, ids in flat])
+        for i, (_, ids) in enumerate(flat):
+            words[i, : len(ids)] = torch.tensor(ids)
+        self.register_buffer("words", words, persistent=False)  # (W, L)
+        self.register_buffer("lengths", lengths, persistent=False)  # (W,)
+        self.register_buffer("word_label", torch.tensor([lab for lab, _ in flat]), persistent=False)
+        self.num_labels = len(verbalizer)
+        self.length_norm = length_norm
+
+    @property
+    def multi_token(self) -> bool:
+        return int(self.lengths.max()) > 1
+
+    def token_mask(self) -> torch.Tensor:
+        return torch.arange(self.words.size(1), device=self.words.device) < self.lengths[:, None]  # (W, L)
+
+    def aggregate(self, word_scores: torch.Tensor) -> torch.Tensor:
+        """(B, W) per-word sequence log-probs -> (B, C) label scores: log of the mean word probability."""
+        if self.length_norm:
+            word_scores = word_scores / self.lengths
+        out = word_scores.new_full((word_scores.size(0), self.num_labels), -math.inf)
+        index = self.word_label.expand_as(word_scores)
+        out = out.scatter_reduce(1, index, word_scores, reduce="amax", include_self=True)
+        # log-mean-exp per label, stable around the per-label max
+        summed = torch.zeros_like(out).scatter_add(1, index, (word_scores - out.gather(1, index)).exp())
+        counts = torch.bincount(self.word_label, minlength=self.num_labels).to(out)
+        return out + summed.log() - counts.log()
+
+
+class CausalLabelWords(_LabelWords):
+    def forward(self, backbone, feed: Feed) -> torch.Tensor:
+        out = base_forward(backbone, feed, use_cache=self.multi_token)
+        last = out.last_hidden_state[:, -1]  # (B, H): left padding puts the answer position last
+        logp = F.log_softmax(backbone.get_output_embeddings()(last).float(), dim=-1)  # (B, V)
+        scores = logp[:, self.words[:, 0]]  # (B, W)
+        if self.multi_token:
+            scores = scores + self._continuations(backbone, feed, out.past_key_values)
+        return self.aggregate(scores)
+
+    def _continuations(self, backbone, feed: Feed, cache) -> torch.Tensor:
+        """Sum of log p(w_i | prompt, w_<i) for i >= 1, for every word, one pass over a shared cache."""
+        B, W = feed.inputs_embeds.size(0), self.words.size(0)
+        steps = self.words[:, :-1]  # (W, L-1) inputs; targets are words[:, 1:]
+        mask = self.token_mask()[:, 1:]  # (W, L-1) which targets exist
+        cache.batch_repeat_interleave(W)
+        embeds = backbone.get_input_embeddings()(steps).to(feed.inputs_embeds.dtype)  # (W, L-1, H)
+        embeds = embeds.unsqueeze(0).expand(B, -1, -1, -1).reshape(B * W, *steps.shape, -1)
+        prompt_mask = feed.attention_mask.repeat_interleave(W, dim=0)  # (B*W, P+T)
+        cont_mask = torch.ones(B * W, steps.size(1), dtype=prompt_mask.dtype, device=prompt_mask.device)
+        start = (feed.position_ids[:, -1:] + 1) if feed.position_ids is not None else None
+        positions = None if start is None else (start.repeat_interleave(W, 0) + torch.arange(steps.size(1), device=start.device))
+        cont = Feed(embeds, torch.cat([prompt_mask, cont_mask], 1), feed.answer_pos, positions, cache)
+        hidden = base_forward(backbone, cont).last_hidden_state  # (B*W, L-1, H)
+        logp = F.log_softmax(backbone.get_output_embeddings()(hidden).float(), dim=-1)
+        targets = self.words[:, 1:].repeat(B, 1)  # (B*W, L-1)
+        token_lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask.repeat(B, 1)
+        return token_lp.sum(-1).view(B, W)
+
+
+def mlm_head(backbone) -> nn.Module:
+    """The masked-LM head: the top-level child that is not the base model (``cls``, ``lm_head``)."""
+    heads = [m for name, m in backbone.named_children() if name != backbone.base_model_prefix]
+    if len(heads) != 1:
+        raise ValueError(f"cannot find the MLM head of {type(backbone).__name__}")
+    return heads[0]
+
+
+class MaskedLabelWords(_LabelWords):
+    def forward(self, backbone, feed: Feed) -> torch.Tensor:
+        hidden = base_forward(backbone, feed).last_hidden_state
+        L = self.words.size(1)
+        pos = feed.answer_pos[:, None] + torch.arange(L, device=hidden.device)  # (B, L) mask slots
+        logits = mlm_head(backbone)(gather_positions(hidden, pos)).float()  # (B, L, V)
+        logp = F.log_softmax(logits, dim=-1)
+        index = self.words.t().unsqueeze(0).expand(logp.size(0), -1, -1)  # (B, L, W)
+        token_lp = logp.gather(-1, index) * self.token_mask().t()  # (B, L, W)
+        return self.aggregate(token_lp.sum(1))
+
+
+class Seq2SeqLabelWords(_LabelWords):
+    def __init__(self, verbalizer, length_norm: bool = False, sentinel_id: int | None = None, start_id: int = 0):
+        super().__init__(verbalizer, length_norm)
+        lead = [] if sentinel_id is None else [sentinel_id]
+        W, L = self.words.shape
+        dec = torch.full((W, 1 + len(lead) + L), 0, dtype=torch.long)
+        dec[:, 0] = start_id
+        if lead:
+            dec[:, 1] = sentinel_id
+        dec[:, 1 + len(lead):] = self.words
+        self.register_buffer("decoder_ids", dec, persistent=False)  # (W, 1 + S + L)
+        self.offset = len(lead)
+
+    def forward(self, backbone, feed: Feed) -> torch.Tensor:
+        enc = base_forward(backbone, feed).last_hidden_state  # (B, T, H)
+        B, W = enc.size(0), self.words.size(0)
+        enc = enc.repeat_interleave(W, 0)
+        mask = feed.attention_mask.repeat_interleave(W, 0)
+        dec_in = self.decoder_ids[:, :-1].repeat(B, 1)  # (B*W, S + L)
+        out = backbone(encoder_outputs=(enc,), attention_mask=mask, decoder_input_ids=dec_in)
+        logp = F.log_softmax(out.logits.float(), dim=-1)[:, self.offset:]  # (B*W, L, V) word positions
+        token_lp = logp.gather(-1, self.words.repeat(B, 1).unsqueeze(-1)).squeeze(-1)
+        return self.aggregate((token_lp * self.token_mask().repeat(B, 1)).sum(-1).view(B, W))
+
+
+class ClassificationHead(nn.Module):
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float = 0.1):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, backbone, feed: Feed) -> torch.Tensor:
+        hidden = base_forward(backbone, feed).last_hidden_state
+        h = gather_positions(hidden, feed.answer_pos[:, None])[:, 0]  # (B, H)
+        return self.linear(self.dropout(h).to(self.linear.weight.dtype))
+
+
+def build_readout(name: str, kind: str, backbone, verbalizer, length_norm: bool, tokenizer_info: dict) -> nn.Module:
+    """Pick a readout. ``auto``: label words when the backbone has an LM head, else a classification head."""
+    if name == "auto":
+        name = "head" if kind == "encoder" else "label_words"
+    if name == "head":
+        return ClassificationHead(backbone.config.get_text_config().hidden_size, len(verbalizer))
+    if name != "label_words":
+        raise ValueError(f"model.init_args.readout: '{name}' is not one of auto, label_words, head")
+    if kind == "encoder":
+        raise ValueError(
+            "model.init_args.readout: label_words needs a backbone with an LM head, but this backbone is a plain "
+            "encoder; use readout: head, or a causal/masked/seq2seq LM"
+        )
+    if kind == "causal":
+        return CausalLabelWords(verbalizer, length_norm)
+    if kind == "mlm":
+        return MaskedLabelWords(verbalizer, length_norm)
+    return Seq2SeqLabelWords(verbalizer, length_norm, tokenizer_info.get("sentinel_id"),
+                             backbone.config.decoder_start_token_id or 0)

@@ -1,0 +1,55 @@
+"""Soft prompt tuning.
+
+"The Power of Scale for Parameter-Efficient Prompt Tuning" (Lester et al., arXiv:2104.08691).
+N learned vectors in the input embedding space; the backbone stays frozen.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from prompt_methods.base import PromptModule
+
+INITS = ("random", "vocab", "text")
+
+
+class SoftPrompt(PromptModule):
+    """N learned prompt vectors, before the input or at the template's ``{soft}`` slots.
+
+    Args:
+        num_virtual_tokens: N, the number of vectors; must equal the template's ``{soft}`` count if it has any.
+        init: ``random`` (normal, scaled like the embeddings), ``vocab`` (embeddings of tokens sampled from
+            the 5,000 lowest ids, which BPE vocabularies give to frequent tokens) or ``text``.
+        init_text: text whose token embeddings, repeated or cut to N, start the prompt (``init: text``).
+        init_seed: seed for ``random`` and ``vocab``.
+        **kwargs: the rest of :class:`PromptModule`.
+
+    Trainable parameters: ``num_virtual_tokens * hidden_size``.
+    """
+
+    method_params = ("prompt",)
+
+    def __init__(self, num_virtual_tokens: int = 20, init: str = "vocab", init_text: str | None = None,
+                 init_seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        if num_virtual_tokens < 1:
+            raise ValueError("model.init_args.num_virtual_tokens must be at least 1")
+        if init not in INITS:
+            raise ValueError(f"model.init_args.init: '{init}' is not one of {', '.join(INITS)}")
+        if init == "text" and not init_text:
+            raise ValueError("model.init_args.init_text is required with init: text")
+        table = self.backbone.get_input_embeddings().weight.detach().float()  # (V, H)
+        gen = torch.Generator().manual_seed(init_seed)
+        if init == "random":
+            vectors = torch.randn(num_virtual_tokens, table.size(1), generator=gen) * table.std()
+        elif init == "vocab":
+            ids = torch.randint(0, min(5000, table.size(0)), (num_virtual_tokens,), generator=gen)
+            vectors = table[ids]
+        else:
+            ids = self.tokenizer(init_text, add_special_tokens=False)["input_ids"]
+            vectors = table[torch.tensor(ids).repeat(num_virtual_tokens // len(ids) + 1)[:num_virtual_tokens]]
+        self.prompt = nn.Parameter(vectors.clone())  # (N, H), fp32 whatever the backbone dtype
+
+    def feed(self, batch):
+        return self.feed_with_prompt(batch, self.prompt, "model.init_args.num_virtual_tokens")
