@@ -17,7 +17,7 @@ from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from prompt_methods.backbone import BackboneError, load_backbone, load_tokenizer
-from prompt_methods.readout import Feed, build_readout
+from prompt_methods.readout import ClassificationHead, Feed, build_readout
 
 
 def freeze_except(module: nn.Module, trainable: set[str]) -> None:
@@ -97,8 +97,18 @@ class PromptModule(L.LightningModule):
         if self.hparams.tune_backbone:
             keep.add("backbone")
         freeze_except(self, keep)
+        if isinstance(self.readout, ClassificationHead):
+            for p in self.unused_lm_head_params():
+                p.requires_grad_(False)
         # a frozen backbone runs in eval mode (no dropout), a tuned one in train mode
         self.backbone.train(self.hparams.tune_backbone)
+
+    def unused_lm_head_params(self) -> list[nn.Parameter]:
+        """Backbone weights a classification-head readout never uses: the LM head (unless tied to the
+        input embeddings) and, for seq2seq backbones, the decoder."""
+        body = self.backbone.get_encoder() if self.kind == "seq2seq" else self.backbone.base_model
+        used = {id(p) for p in body.parameters()}
+        return [p for p in self.backbone.parameters() if id(p) not in used]
 
     @property
     def hidden_size(self) -> int:

@@ -74,13 +74,15 @@ class PrefixTuning(PromptModule):
         """The (P, D) keys/values the frozen backbone computes for ``text`` (cut or repeated to P tokens)."""
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         ids = torch.tensor(ids).repeat(self.n_prefix // len(ids) + 1)[: self.n_prefix].unsqueeze(0)
-        out = self.backbone.base_model(input_ids=ids, use_cache=True)
-        cache = out.past_key_values
-        cache = getattr(cache, "self_attention_cache", cache)
+        cache = self.new_cache()
+        self.backbone.base_model(input_ids=ids, past_key_values=cache, use_cache=True)  # fills ``cache``
         keys = [layer.keys[0] for layer in cache.layers]  # L x (kv, P, hd)
         values = [layer.values[0] for layer in cache.layers]
         kv = torch.stack([torch.stack(keys), torch.stack(values)], 1)  # (L, 2, kv, P, hd)
         return kv.permute(3, 0, 1, 2, 4).reshape(self.n_prefix, -1).float()  # (P, D)
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.backbone.config) if self.kind == "causal" else DynamicCache()
 
     def prefix_kv(self) -> torch.Tensor:
         if hasattr(self.prefix, "mlp"):
@@ -91,7 +93,7 @@ class PrefixTuning(PromptModule):
         """A fresh cache holding the prefix for every layer, expanded over the batch."""
         kv = self.prefix_kv().to(dtype).view(self.n_prefix, self.n_layers, 2, self.n_kv, self.head_dim)
         kv = kv.permute(1, 2, 3, 0, 4)  # (L, 2, kv, P, hd)
-        cache = DynamicCache(config=self.backbone.config) if self.kind == "causal" else DynamicCache()
+        cache = self.new_cache()
         for layer in range(self.n_layers):
             k = kv[layer, 0].unsqueeze(0).expand(batch_size, -1, -1, -1)  # (B, kv, P, hd)
             v = kv[layer, 1].unsqueeze(0).expand(batch_size, -1, -1, -1)

@@ -111,7 +111,7 @@ class CausalLabelWords(_LabelWords):
         mask = self.token_mask()[:, 1:]  # (W, L-1) which targets exist
         cache.batch_repeat_interleave(W)
         embeds = backbone.get_input_embeddings()(steps).to(feed.inputs_embeds.dtype)  # (W, L-1, H)
-        embeds = embeds.unsqueeze(0).expand(B, -1, -1, -1).reshape(B * W, *steps.shape, -1)
+        embeds = embeds.unsqueeze(0).expand(B, -1, -1, -1).reshape(B * W, steps.size(1), -1)  # (B*W, L-1, H)
         prompt_mask = feed.attention_mask.repeat_interleave(W, dim=0)  # (B*W, P+T)
         cont_mask = torch.ones(B * W, steps.size(1), dtype=prompt_mask.dtype, device=prompt_mask.device)
         start = (feed.position_ids[:, -1:] + 1) if feed.position_ids is not None else None

@@ -1,0 +1,129 @@
+"""Tiny random backbones built from configs, with tiny tokenizers trained on the spot: no downloads."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers, processors
+from transformers import (
+    BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+    PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration,
+)
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+DATA_DIR = os.environ.get("PROMPTLIT_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+
+CORPUS = [
+    "Review: a great movie with fine acting. Sentiment: positive",
+    "Review: a terrible boring film, awful plot. Sentiment: negative",
+    "Question: Who wrote the book? Answer type: person location number description entity abbreviation",
+    "Article: the team won the match. Topic: sports world politics business technology science",
+    "it was good bad great wonderful dull neutral very really not the a of and to in is",
+    "sentiment review question answer article topic text sentence premise hypothesis",
+]
+SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<mask>", "<extra_id_0>", "[CLS]", "[SEP]"]
+
+
+def _bpe_tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS * 20, trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
+                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", mask_token="<mask>")
+
+
+def _wordpiece_tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.WordPiece(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(CORPUS * 20, trainers.WordPieceTrainer(vocab_size=300, special_tokens=SPECIALS))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="<mask>")
+
+
+def _t5_tokenizer() -> PreTrainedTokenizerFast:
+    tok = _bpe_tokenizer()
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tok.eos_token_id)])
+    return tok
+
+
+def build_tiny(kind: str, path) -> str:
+    torch.manual_seed(0)
+    tok = _wordpiece_tokenizer() if kind == "bert" else _t5_tokenizer() if kind == "t5" else _bpe_tokenizer()
+    V = len(tok)
+    common = dict(vocab_size=V, pad_token_id=tok.pad_token_id, initializer_range=0.2)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, **common))
+    elif kind == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, bos_token_id=tok.bos_token_id,
+                                           eos_token_id=tok.eos_token_id, **common))
+    elif kind == "bert":
+        model = BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                           max_position_embeddings=256, **common))
+    elif kind == "t5":
+        model = T5ForConditionalGeneration(T5Config(d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4,
+                                                    decoder_start_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **common))
+    else:
+        raise ValueError(kind)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """``tiny("llama")`` -> folder of a tiny random model of that architecture (built once per session)."""
+    built = {}
+
+    def get(kind: str) -> str:
+        if kind not in built:
+            built[kind] = build_tiny(kind, tmp_path_factory.mktemp(f"tiny-{kind}"))
+        return built[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> str:
+    if not os.path.isdir(DATA_DIR):
+        pytest.skip(f"shared data not found at {DATA_DIR}")
+    return DATA_DIR
+
+
+TRAIN_ROWS = [("a great movie with fine acting", "1"), ("a terrible boring film", "0"), ("wonderful and great", "1"),
+              ("awful plot and dull", "0"), ("really good", "1"), ("not good , very bad", "0")]
+
+
+@pytest.fixture(scope="session")
+def sst_files(tmp_path_factory):
+    """A tiny SST-2-shaped dataset: train/validation/test tsv files."""
+    folder = tmp_path_factory.mktemp("sst")
+    for split in ("train", "validation", "test"):
+        lines = ["sentence\tlabel"] + [f"{text}\t{label}" for text, label in TRAIN_ROWS]
+        (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def make_data(sst_files):
+    """``make_data(backbone, **overrides)`` -> a set-up ClassificationDataModule on the tiny SST files."""
+    from datamodules import ClassificationDataModule
+
+    def make(backbone: str, **kwargs):
+        args = dict(task="sst2", backbone=backbone, train_file=str(sst_files / "train.tsv"),
+                    validation_file=str(sst_files / "validation.tsv"), test_file=str(sst_files / "test.tsv"),
+                    batch_size=6, eval_batch_size=6, max_length=64)
+        args.update(kwargs)
+        dm = ClassificationDataModule(**args)
+        dm.setup()
+        return dm
+
+    return make

@@ -1,0 +1,169 @@
+"""Every method on every tiny architecture: trainable parameters, shapes, ids/embeds equivalence, overfitting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prompt_methods import FineTuning, HardPrompt, PrefixTuning, PTuning, SoftPrompt
+from prompt_methods.backbone import BackboneError
+
+ARCHS = ["llama", "gpt2", "bert", "t5"]
+METHODS = {
+    "hard_prompt": (HardPrompt, {}),
+    "hard_prompt_tuned": (HardPrompt, {"tune_backbone": True, "lr": 1e-3}),
+    "soft_prompt": (SoftPrompt, {"num_virtual_tokens": 5, "lr": 0.5}),
+    "prefix_tuning": (PrefixTuning, {"num_virtual_tokens": 4, "lr": 0.3}),
+    "prefix_tuning_mlp": (PrefixTuning, {"num_virtual_tokens": 4, "reparameterize": True, "mlp_hidden": 16, "init": "random", "lr": 0.01}),
+    "p_tuning": (PTuning, {"num_virtual_tokens": 3, "encoder_hidden": 16, "lr": 0.01}),
+    "p_tuning_mlp": (PTuning, {"num_virtual_tokens": 3, "encoder": "mlp", "encoder_hidden": 16, "lr": 0.01}),
+    "fine_tuning": (FineTuning, {"lr": 1e-3}),
+}
+
+
+def expected_trainable(name: str, model) -> int:
+    """Parameter counts from each method's formula, computed from the backbone config."""
+    cfg = model.backbone.config.get_text_config()
+    H, C = cfg.hidden_size, model.num_labels
+    backbone_total = sum(p.numel() for p in model.backbone.parameters())
+    kw = METHODS[name][1]
+    if name == "hard_prompt":
+        return 0
+    if name == "hard_prompt_tuned":
+        return backbone_total
+    if name == "fine_tuning":
+        unused = sum(p.numel() for p in model.unused_lm_head_params())
+        return backbone_total - unused + H * C + C
+    if name == "soft_prompt":
+        return kw["num_virtual_tokens"] * H
+    if name.startswith("prefix_tuning"):
+        P, L = kw["num_virtual_tokens"], cfg.num_hidden_layers
+        kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        D = 2 * L * kv * (getattr(cfg, "head_dim", None) or H // cfg.num_attention_heads)
+        if kw.get("reparameterize"):
+            M = kw["mlp_hidden"]
+            return P * H + H * M + M + M * D + D
+        return P * D
+    N, E = kw["num_virtual_tokens"], kw["encoder_hidden"]
+    mlp = E * E + E + E * H + H
+    if kw.get("encoder") == "mlp":
+        return N * H + H * E + E + E * H + H
+    h = E // 2  # per direction
+    lstm = 2 * (4 * h * (H + h) + 8 * h) + 2 * (4 * h * (E + h) + 8 * h)
+    return N * H + lstm + mlp
+
+
+def build(name, arch, tiny, make_data, **extra):
+    cls, kwargs = METHODS[name]
+    backbone = tiny(arch)
+    dm = make_data(backbone)
+    model = cls(backbone=backbone, verbalizer=dm.verbalizer, **{**kwargs, **extra})
+    model.configure_trainable()
+    return model, dm
+
+
+def supported(name, arch) -> bool:
+    return not (name.startswith("prefix_tuning") and arch == "t5")
+
+
+CASES = [(n, a) for n in METHODS for a in ARCHS]
+
+
+@pytest.mark.parametrize("name,arch", CASES)
+def test_trainable_params_and_shapes(name, arch, tiny, make_data):
+    if not supported(name, arch):
+        with pytest.raises(BackboneError, match="model.class_path: PrefixTuning"):
+            build(name, arch, tiny, make_data)
+        return
+    model, dm = build(name, arch, tiny, make_data)
+    batch = next(iter(dm.train_dataloader()))
+    scores = model(batch)
+    assert scores.shape == (len(batch["labels"]), 2)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert sum(p.numel() for n, p in model.named_parameters() if n in trainable) == expected_trainable(name, model)
+    if not trainable:
+        assert not scores.requires_grad
+        return
+    torch.nn.functional.cross_entropy(scores, batch["labels"]).backward()
+    for n, p in model.named_parameters():
+        if n in trainable:
+            assert p.grad is not None, f"{n} got no gradient"
+        else:
+            assert p.grad is None, f"frozen {n} got a gradient"
+
+
+@pytest.mark.parametrize("name,arch", [c for c in CASES if supported(*c)])
+def test_input_ids_equal_inputs_embeds(name, arch, tiny, make_data):
+    model, dm = build(name, arch, tiny, make_data)
+    model.eval()
+    batch = next(iter(dm.val_dataloader()))
+    with torch.no_grad():
+        from_ids = model(batch)
+        embeds = model.backbone.get_input_embeddings()(batch["input_ids"])
+        from_embeds = model({**batch, "inputs_embeds": embeds})
+    torch.testing.assert_close(from_ids, from_embeds)
+
+
+@pytest.mark.parametrize("name,arch", [c for c in CASES if supported(*c) and c[0] != "hard_prompt"])
+def test_overfit_one_batch(name, arch, tiny, make_data):
+    torch.manual_seed(0)
+    model, dm = build(name, arch, tiny, make_data)
+    model.eval()  # no dropout: the loss must fall deterministically
+    batch = next(iter(dm.train_dataloader()))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=model.hparams.lr)
+    losses = []
+    for _ in range(40):
+        loss = torch.nn.functional.cross_entropy(model(batch), batch["labels"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_soft_prompt_fills_template_slots(tiny, make_data):
+    backbone = tiny("llama")
+    dm = make_data(backbone, template="{soft:2} Review: {sentence} {soft:1} Sentiment: {mask}")
+    batch = next(iter(dm.val_dataloader()))
+    assert (batch["soft_index"] >= 0).sum(1).tolist() == [3] * len(batch["labels"])
+    model = SoftPrompt(backbone=backbone, verbalizer=dm.verbalizer, num_virtual_tokens=3)
+    feed = model.feed(batch)
+    slots = batch["soft_index"] >= 0
+    expected = model.prompt[batch["soft_index"][slots]]
+    torch.testing.assert_close(feed.inputs_embeds[slots], expected)
+    assert feed.inputs_embeds.shape[1] == batch["input_ids"].shape[1]  # nothing prepended
+    with pytest.raises(ValueError, match="num_virtual_tokens"):
+        SoftPrompt(backbone=backbone, verbalizer=dm.verbalizer, num_virtual_tokens=5).feed(batch)
+
+
+def test_hard_prompt_rejects_soft_slots(tiny, make_data):
+    backbone = tiny("llama")
+    dm = make_data(backbone, template="{soft:2} {sentence} It was {mask}")
+    model = HardPrompt(backbone=backbone, verbalizer=dm.verbalizer)
+    with pytest.raises(ValueError, match="data.init_args.template"):
+        model(next(iter(dm.val_dataloader())))
+
+
+def test_prefix_matches_cache_continuation(tiny, make_data):
+    """A prefix built from text keys/values gives the same scores as running that text first."""
+    backbone = tiny("llama")
+    dm = make_data(backbone)
+    model = PrefixTuning(backbone=backbone, verbalizer=dm.verbalizer, num_virtual_tokens=3, init="text",
+                         init_text="review sentiment text")
+    model.eval()
+    batch = next(iter(dm.val_dataloader()))
+    ids = model.tokenizer("review sentiment text", add_special_tokens=False)["input_ids"][:3]
+    # the same prompt, with the text spelled out as real tokens after the left padding
+    B, T = batch["input_ids"].shape
+    n_pad = (batch["attention_mask"] == 0).sum(1)
+    rows, masks = [], []
+    for i in range(B):
+        real = batch["input_ids"][i, n_pad[i]:]
+        rows.append(torch.cat([batch["input_ids"][i, : n_pad[i]], torch.tensor(ids), real]))
+    spelled = {**batch, "input_ids": torch.stack(rows), "attention_mask": torch.stack(
+        [torch.cat([torch.zeros(int(n)), torch.ones(T - int(n) + 3)]).long() for n in n_pad]),
+        "soft_index": torch.full((B, T + 3), -1)}
+    hard = HardPrompt(backbone=backbone, verbalizer=dm.verbalizer)
+    hard.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch), hard(spelled), atol=1e-4, rtol=1e-4)
