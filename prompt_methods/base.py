@@ -70,6 +70,8 @@ class PromptModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["verbalizer"])
+        self.tune_backbone, self.lr, self.weight_decay, self.warmup_ratio = tune_backbone, lr, weight_decay, warmup_ratio
+        self.backbone_dtype, self.attn_implementation = backbone_dtype, attn_implementation
         if not verbalizer:
             raise ValueError("model.init_args.verbalizer is empty: the CLI links it from the data module's label words")
         if backbone_dtype not in ("auto", "float32", "bfloat16"):
@@ -94,14 +96,14 @@ class PromptModule(L.LightningModule):
     def configure_trainable(self) -> None:
         """Freeze the backbone unless it is tuned; the method's modules and a readout head train."""
         keep = set(self.method_params) | {"readout"}
-        if self.hparams.tune_backbone:
+        if self.tune_backbone:
             keep.add("backbone")
         freeze_except(self, keep)
         if isinstance(self.readout, ClassificationHead):
             for p in self.unused_lm_head_params():
                 p.requires_grad_(False)
         # a frozen backbone runs in eval mode (no dropout), a tuned one in train mode
-        self.backbone.train(self.hparams.tune_backbone)
+        self.backbone.train(self.tune_backbone)
 
     def unused_lm_head_params(self) -> list[nn.Parameter]:
         """Backbone weights a classification-head readout never uses: the LM head (unless tied to the
@@ -166,10 +168,10 @@ class PromptModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         self.configure_trainable()
         precision = str(getattr(self.trainer, "precision", "32")) if self._trainer is not None else "32"
-        dtype = self.hparams.backbone_dtype
-        if dtype == "bfloat16" or (dtype == "auto" and precision.startswith("bf16") and not self.hparams.tune_backbone):
+        dtype = self.backbone_dtype
+        if dtype == "bfloat16" or (dtype == "auto" and precision.startswith("bf16") and not self.tune_backbone):
             self.backbone.to(torch.bfloat16)
-        attn = self.hparams.attn_implementation
+        attn = self.attn_implementation
         if attn == "auto":
             attn = "eager" if self.device.type == "cpu" and self._trainer and self.trainer.strategy.root_device.type == "cpu" else "sdpa"
         if hasattr(self.backbone, "set_attn_implementation"):
@@ -221,11 +223,16 @@ class PromptModule(L.LightningModule):
         for name, p in self.named_parameters():
             if p.requires_grad:
                 (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if not decay and not no_decay:
+            raise ValueError(
+                f"{type(self).__name__} has nothing to train with a frozen backbone: run `validate`/`test` for "
+                "zero-shot, or set model.init_args.tune_backbone: true"
+            )
+        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         self.print(f"optimizer groups: {sum(p.numel() for p in decay):,} params with decay, {sum(p.numel() for p in no_decay):,} without")
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.hparams.lr)
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(self.hparams.warmup_ratio * total)
+        warmup = int(self.warmup_ratio * total)
 
         def schedule(step: int) -> float:
             if step < warmup:
@@ -238,7 +245,7 @@ class PromptModule(L.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep only trained weights (plus buffers of the method) when the backbone is frozen."""
-        if self.hparams.tune_backbone:
+        if self.tune_backbone:
             return
         trained = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("backbone.") or k in trained}

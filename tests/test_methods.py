@@ -110,7 +110,7 @@ def test_overfit_one_batch(name, arch, tiny, make_data):
     model, dm = build(name, arch, tiny, make_data)
     model.eval()  # no dropout: the loss must fall deterministically
     batch = next(iter(dm.train_dataloader()))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=model.hparams.lr)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=model.lr)
     losses = []
     for _ in range(40):
         loss = torch.nn.functional.cross_entropy(model(batch), batch["labels"])

@@ -1,0 +1,95 @@
+"""Train-step and forward speed of each method on the packaged SmolLM2, per precision setup.
+
+    python benchmarks/step_speed.py --methods soft_prompt prefix_tuning --steps 8 --out benchmarks/results/step_speed.json
+
+Setups: ``fp32`` (32-true), ``bf16-autocast`` (fp32 weights under bf16 autocast, what plain
+``bf16-mixed`` does), ``bf16-weights`` (frozen backbone stored in bf16 under autocast: what
+``backbone_dtype: auto`` picks with ``bf16-mixed``), each with eager or sdpa attention.
+Times the raw module step (forward, backward, AdamW) so the numbers isolate the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from datamodules import ClassificationDataModule
+from prompt_methods import FineTuning, HardPrompt, PrefixTuning, PTuning, SoftPrompt
+
+METHODS = {
+    "soft_prompt": (SoftPrompt, {"num_virtual_tokens": 20}),
+    "prefix_tuning": (PrefixTuning, {"num_virtual_tokens": 20}),
+    "p_tuning": (PTuning, {"num_virtual_tokens": 6}),
+    "hard_prompt": (HardPrompt, {"tune_backbone": True}),
+    "fine_tuning": (FineTuning, {}),
+}
+
+
+def measure(method: str, setup: str, attn: str, batch: dict, verbalizer, steps: int) -> dict:
+    cls, kwargs = METHODS[method]
+    model = cls(backbone="smollm2-135m", verbalizer=verbalizer, **kwargs)
+    model.configure_trainable()
+    if setup == "bf16-weights" and not model.tune_backbone:
+        model.backbone.to(torch.bfloat16)
+    model.backbone.set_attn_implementation(attn)
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if setup != "fp32" else nullcontext
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+    def train_step():
+        with ctx():
+            loss = torch.nn.functional.cross_entropy(model(batch).float(), batch["labels"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    def forward():
+        with torch.no_grad(), ctx():
+            model(batch)
+
+    out = {"method": method, "setup": setup, "attn": attn, "batch": len(batch["labels"]),
+           "seq_len": int(batch["input_ids"].shape[1])}
+    for name, fn in (("train", train_step), ("forward", forward)):
+        for _ in range(2):
+            fn()
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        sec = (time.perf_counter() - start) / steps
+        out[f"{name}_s"] = round(sec, 4)
+        out[f"{name}_samples_per_s"] = round(len(batch["labels"]) / sec, 2)
+    out["train_over_forward"] = round(out["train_s"] / out["forward_s"], 2)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--setups", nargs="+", default=["fp32", "bf16-autocast", "bf16-weights"])
+    parser.add_argument("--attn", nargs="+", default=["eager", "sdpa"])
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/results/step_speed.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dm = ClassificationDataModule(task="sst2", max_train_samples=args.batch_size, batch_size=args.batch_size)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    rows = []
+    for method in args.methods:
+        for setup in args.setups:
+            for attn in args.attn:
+                row = measure(method, setup, attn, batch, dm.verbalizer, args.steps)
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"threads": args.threads, "torch": torch.__version__, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

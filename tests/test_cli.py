@@ -1,0 +1,114 @@
+"""The CLI: every shipped config parses and runs (fast_dev_run on a tiny model), W&B logs offline,
+predict writes its file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+import train
+from wandb_reader import read_run
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*/*.yaml") if p.parent.name != "benchmark")
+
+
+def subcommand_of(config: str) -> str:
+    """The subcommand a config's first line says it runs with."""
+    first = (ROOT / config).read_text().splitlines()[0]
+    assert first.startswith("# python train.py "), f"{config}: first line must be the command that runs it"
+    return first.split()[3]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_config_parses(config, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    raw = yaml.safe_load((ROOT / config).read_text())
+    assert raw["model"]["class_path"].startswith("prompt_methods.")
+    assert raw["data"]["class_path"].startswith("datamodules.")
+    sub = subcommand_of(config)
+    assert sub in ("fit", "validate", "test", "predict")
+    out = run_cli(["--config", config, "--print_config"], sub, monkeypatch, expect_exit=True)
+    assert out is None
+
+
+def run_cli(extra: list[str], sub: str, monkeypatch, expect_exit: bool = False):
+    monkeypatch.chdir(ROOT)
+    if expect_exit:
+        with pytest.raises(SystemExit) as exc:
+            train.main([sub, *extra])
+        assert exc.value.code == 0
+        return None
+    return train.main([sub, *extra])
+
+
+def tiny_args(tiny, sst_files, tmp_path, method_overrides=()):
+    return [
+        "--model.init_args.backbone", tiny("llama"),
+        "--data.init_args.train_file", str(sst_files / "train.tsv"),
+        "--data.init_args.validation_file", str(sst_files / "validation.tsv"),
+        "--data.init_args.test_file", str(sst_files / "test.tsv"),
+        "--data.init_args.batch_size", "3",
+        "--trainer.logger.init_args.save_dir", str(tmp_path),
+        "--trainer.precision", "32-true",
+        *method_overrides,
+    ]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_fast_dev_run_every_config(config, tiny, sst_files, tmp_path, monkeypatch):
+    sub = subcommand_of(config)
+    task = yaml.safe_load((ROOT / config).read_text())["data"]["init_args"]["task"]
+    extra = ["--data.init_args.task", "sst2"] if task != "sst2" else []  # the tiny files are SST-2 shaped
+    template = yaml.safe_load((ROOT / config).read_text())["data"]["init_args"].get("template")
+    if template and task != "sst2":
+        pytest.skip("task-specific template on the tiny SST-2 files")
+    cli = run_cli(["--config", config, *tiny_args(tiny, sst_files, tmp_path), *extra, "--trainer.fast_dev_run", "true"],
+                  sub, monkeypatch)
+    metrics = cli.trainer.callback_metrics
+    key = {"fit": "val/acc", "validate": "val/acc", "test": "test/acc"}[sub]
+    assert key in metrics and 0.0 <= float(metrics[key]) <= 1.0
+
+
+def test_fit_then_test_logs_to_wandb_offline(tiny, sst_files, tmp_path, monkeypatch):
+    args = ["--config", "configs/sst2/soft_prompt.yaml", *tiny_args(tiny, sst_files, tmp_path),
+            "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.log_every_n_steps", "1"]
+    cli = run_cli(args, "fit", monkeypatch)
+    logger = cli.trainer.logger
+    run_id = logger.version
+    cli.trainer.logger.experiment.finish()
+    run_dirs = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(run_dirs) == 1, "W&B must write an offline run folder"
+    records = read_run(next(run_dirs[0].glob("run-*.wandb")))
+    logged = {k for rec in records["history"] for k in rec}
+    assert {"train/loss", "val/acc", "params/trainable", "params/total"} <= logged
+    trainable = [rec["params/trainable"] for rec in records["history"] if "params/trainable" in rec]
+    assert trainable == [20 * 32]  # num_virtual_tokens x hidden size of the tiny llama
+    assert set(records["tags"]) >= {"sst2", "soft_prompt"}
+    config = records["config"]["config"]
+    config = config.get("value", config)
+    assert config["model"]["class_path"] == "prompt_methods.SoftPrompt"
+    run_folder = tmp_path / "promptlit" / run_id
+    saved = yaml.safe_load((run_folder / "config.yaml").read_text())
+    assert saved["model"]["init_args"]["num_virtual_tokens"] == 20
+    assert (run_folder / "checkpoints" / "last.ckpt").exists()
+
+
+def test_predict_writes_ids_and_labels(tiny, sst_files, tmp_path, monkeypatch):
+    out_file = tmp_path / "preds.jsonl"
+    args = ["--config", "configs/sst2/hard_prompt.yaml", *tiny_args(tiny, sst_files, tmp_path),
+            "--trainer.callbacks+=prompt_methods.callbacks.PredictionWriter",
+            "--trainer.callbacks.output_file", str(out_file)]
+    run_cli(args, "predict", monkeypatch)
+    rows = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [f"test-{i}" for i in range(6)]
+    assert all(r["pred"] in ("0", "1") and abs(sum(r["probs"].values()) - 1) < 1e-4 for r in rows)
+
+
+def test_frozen_hard_prompt_fit_is_a_clear_error(tiny, sst_files, tmp_path, monkeypatch):
+    args = ["--config", "configs/sst2/hard_prompt.yaml", *tiny_args(tiny, sst_files, tmp_path), "--trainer.fast_dev_run", "true"]
+    with pytest.raises(ValueError, match="tune_backbone: true"):
+        run_cli(args, "fit", monkeypatch)

@@ -1,0 +1,139 @@
+"""Template language, verbalizers and truncation."""
+
+from __future__ import annotations
+
+import pytest
+
+from datamodules.encoding import TemplateTokenizer
+from datamodules.readers import DataError
+from tasks.template import Field, Mask, Soft, Template, TemplateError, Text
+
+
+def test_parse_pieces_and_spaces():
+    t = Template.parse("{soft:2} Review: {sentence} {soft} It was {mask}. {{literal}}", ["sentence"])
+    assert t.pieces == (Soft(2), Text(" Review:"), Field(" ", "sentence"), Soft(1), Text(" It was"), Mask(" "),
+                        Text(". {literal}"))
+    assert t.num_soft == 3 and t.fields == ["sentence"] and t.has_mask
+
+
+@pytest.mark.parametrize("source,match", [
+    ("{sentense} {mask}", "unknown placeholder '{sentense}'"),
+    ("{sentence.__class__} {mask}", "unknown placeholder"),
+    ("{sentence!r} {mask}", "unknown placeholder"),
+    ("{0} {mask}", "unknown placeholder"),
+    ("{sentence} {mask", "unbalanced"),
+    ("{sentence} mask}", "unbalanced"),
+    ("{soft:0} {sentence} {mask}", "positive count"),
+    ("{soft:abc} {sentence} {mask}", "positive count"),
+    ("   ", "empty"),
+])
+def test_broken_templates_name_the_key(source, match):
+    with pytest.raises(TemplateError, match=match) as err:
+        Template.parse(source, ["sentence"], key="data.init_args.template")
+    assert str(err.value).startswith("data.init_args.template")
+
+
+def test_template_is_never_evaluated():
+    # format-string tricks stay inert text or errors; nothing is looked up on objects
+    with pytest.raises(TemplateError):
+        Template.parse("{sentence.__init__.__globals__} {mask}", ["sentence"])
+
+
+def test_answer_slot_required(make_data, tiny):
+    with pytest.raises(TemplateError, match="exactly one {mask}"):
+        make_data(tiny("llama"), template="Review: {sentence}")
+    with pytest.raises(TemplateError, match="exactly one {mask}"):
+        make_data(tiny("llama"), template="{mask} Review: {sentence} {mask}")
+
+
+def test_causal_prompt_ends_before_answer(make_data, tiny):
+    dm = make_data(tiny("llama"), template="Review: {sentence} It was {mask}. Really.")
+    enc = dm.encoder.encode({"sentence": "a great movie"})
+    text = dm.tokenizer.decode(enc.input_ids)
+    assert text.endswith("It was") and "Really" not in text
+    assert enc.answer_pos == len(enc.input_ids) - 1
+
+
+def test_mlm_mask_slots_match_longest_word(make_data, tiny):
+    dm = make_data(tiny("bert"), label_words={"0": ["terrible", "bad"], "1": "wonderful"})
+    longest = max(len(w) for words in dm.verbalizer for w in words)
+    enc = dm.encoder.encode({"sentence": "a great movie"})
+    mask_id = dm.tokenizer.mask_token_id
+    assert enc.input_ids.count(mask_id) == longest
+    assert enc.input_ids[enc.answer_pos] == mask_id
+
+
+def test_multi_word_and_multi_token_verbalizer(make_data, tiny):
+    dm = make_data(tiny("llama"), label_words={"0": ["terrible", "bad"], "1": ["great", "wonderful"]})
+    assert [len(words) for words in dm.verbalizer] == [2, 2]
+    assert any(len(w) > 1 for words in dm.verbalizer for w in words)  # tiny BPE splits these words
+    # label words are tokenized with the space the template puts before {mask}
+    assert dm.verbalizer[1][0] == dm.tokenizer(" great", add_special_tokens=False)["input_ids"]
+
+
+def test_unknown_label_in_data_is_named(tmp_path, make_data, tiny):
+    bad = tmp_path / "train.tsv"
+    bad.write_text("sentence\tlabel\ngood movie\t1\nodd one\tmaybe\n")
+    dm_args = dict(train_file=str(bad))
+    with pytest.raises(DataError, match="label 'maybe' is not in data.init_args.label_words"):
+        make_data(tiny("llama"), **dm_args)
+
+
+def test_label_without_words(make_data, tiny):
+    with pytest.raises(DataError, match="no words for label"):
+        make_data(tiny("llama"), label_words={"0": ["bad"]})
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert", "t5"])
+def test_truncation_cuts_only_fields(make_data, tiny, arch):
+    dm = make_data(tiny(arch), template="{soft:2} Review: {sentence} Sentiment: {mask}", max_length=24)
+    long = " ".join(["great movie"] * 50)
+    enc = dm.encoder.encode({"sentence": long})
+    assert len(enc.input_ids) == 24
+    text = dm.tokenizer.decode(enc.input_ids)
+    assert "Review" in text and "Sentiment" in text
+    assert sum(i >= 0 for i in enc.soft_index) == 2
+    if arch != "llama":
+        assert dm.tokenizer.mask_token in text or "<extra_id_0>" in text
+    short = dm.encoder.encode({"sentence": "great"})
+    assert len(short.input_ids) < 24  # short inputs are not padded or cut
+
+
+def test_truncation_longest_field_first(tiny):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny("llama"))
+    t = Template.parse("{a} and {b} ? {mask}", ["a", "b"])
+    enc = TemplateTokenizer(tok, t, "causal", max_length=20)
+    fields = enc.encode_fields({"a": "great " * 40, "b": "bad"})
+    assert len(fields["b"]) == len(tok(" bad", add_special_tokens=False)["input_ids"])
+    assert sum(map(len, fields.values())) == enc.budget
+
+
+def test_template_longer_than_max_length(make_data, tiny):
+    with pytest.raises(TemplateError, match="data.init_args.max_length=4 is shorter than the template"):
+        make_data(tiny("llama"), max_length=4)
+
+
+def test_empty_and_whitespace_text(make_data, tiny):
+    dm = make_data(tiny("llama"))
+    for text in ("", "   ", None):
+        enc = dm.encoder.encode({"sentence": text})
+        assert dm.tokenizer.decode(enc.input_ids).strip().startswith("Review:")
+
+
+def test_tokenizer_without_pad_token(tmp_path, tiny, make_data):
+    from transformers import AutoTokenizer
+
+    src = tiny("gpt2")
+    tok = AutoTokenizer.from_pretrained(src)
+    import shutil
+
+    dst = tmp_path / "nopad"
+    shutil.copytree(src, dst)
+    tok.pad_token = None
+    tok.save_pretrained(dst)
+    dm = make_data(str(dst))
+    batch = next(iter(dm.train_dataloader()))
+    assert dm.tokenizer.pad_token_id is not None
+    assert batch["input_ids"].shape[0] == 6
