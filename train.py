@@ -25,6 +25,7 @@ class PromptCLI(LightningCLI):
             {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
              "init_args": {"monitor": "val/acc", "mode": "max", "save_last": True, "save_top_k": 1}},
             {"class_path": "prompt_methods.callbacks.PredictionWriter"},
+            {"class_path": "prompt_methods.callbacks.Throughput"},
         ]})
 
     def before_instantiate_classes(self) -> None:

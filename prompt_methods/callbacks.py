@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.cli import SaveConfigCallback
 
 
@@ -72,3 +73,38 @@ class LoggedSaveConfig(SaveConfigCallback):
         if trainer.logger is not None:
             cfg = self.parser.dump(self.config, skip_none=False, format="json")
             trainer.logger.log_hyperparams({"config": json.loads(cfg)})
+
+
+class Throughput(Callback):
+    """Logs ``train/samples_per_s`` (optimizer steps only, validation excluded) and ``val/samples_per_s``."""
+
+    def __init__(self):
+        self.seen = {"train": 0, "val": 0}
+        self.seconds = {"train": 0.0, "val": 0.0}
+        self._start = 0.0
+
+    def _begin(self, *_):
+        self._start = time.perf_counter()
+
+    def _end(self, split, trainer, batch):
+        self.seconds[split] += time.perf_counter() - self._start
+        self.seen[split] += len(batch["ids"])
+
+    on_train_batch_start = _begin
+    on_validation_batch_start = _begin
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._end("train", trainer, batch)
+        if self.seconds["train"] > 0 and trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+            pl_module.log("train/samples_per_s", self.seen["train"] / self.seconds["train"])
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking:
+            self._end("val", trainer, batch)
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if self.seconds["val"] > 0 and not trainer.sanity_checking:
+            pl_module.log("val/samples_per_s", self.seen["val"] / self.seconds["val"])
+
+    def summary(self) -> dict:
+        return {f"{k}_samples_per_s": self.seen[k] / self.seconds[k] for k in self.seen if self.seconds[k] > 0}

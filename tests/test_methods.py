@@ -144,9 +144,11 @@ def test_hard_prompt_rejects_soft_slots(tiny, make_data):
         model(next(iter(dm.val_dataloader())))
 
 
-def test_prefix_matches_cache_continuation(tiny, make_data):
-    """A prefix built from text keys/values gives the same scores as running that text first."""
-    backbone = tiny("llama")
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_prefix_matches_cache_continuation(arch, tiny, make_data):
+    """A prefix built from text keys/values gives the same scores as running that text first:
+    the attention mask and the position ids after the prefix are right."""
+    backbone = tiny(arch)
     dm = make_data(backbone)
     model = PrefixTuning(backbone=backbone, verbalizer=dm.verbalizer, num_virtual_tokens=3, init="text",
                          init_text="review sentiment text")
@@ -167,3 +169,16 @@ def test_prefix_matches_cache_continuation(tiny, make_data):
     hard.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(batch), hard(spelled), atol=1e-4, rtol=1e-4)
+
+
+def test_soft_prompt_init_from_text(tiny, make_data):
+    backbone = tiny("llama")
+    dm = make_data(backbone)
+    model = SoftPrompt(backbone=backbone, verbalizer=dm.verbalizer, num_virtual_tokens=7, init="text",
+                       init_text="great movie")
+    ids = model.tokenizer("great movie", add_special_tokens=False)["input_ids"]
+    table = model.backbone.get_input_embeddings().weight
+    expected = table[torch.tensor((ids * 7)[:7])]
+    torch.testing.assert_close(model.prompt.data, expected.detach())
+    with pytest.raises(ValueError, match="model.init_args.init_text is required"):
+        SoftPrompt(backbone=backbone, verbalizer=dm.verbalizer, init="text")

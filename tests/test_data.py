@@ -1,0 +1,114 @@
+"""Readers on the real shared files, user files of every format, splits, few-shot sampling, batches."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from datamodules.readers import DataError, read_split
+from tasks.spec import SplitSource, TaskError, load_task
+
+
+@pytest.mark.parametrize("task,counts", [
+    ("sst2", {"train": 67349, "validation": 872, "test": 1821}),
+    ("trec", {"train": 5452, "test": 500}),
+    ("agnews", {"train": 10001, "test": 7600}),
+])
+def test_real_files_row_counts(task, counts, data_dir):
+    spec = load_task(task)
+    for split, n in counts.items():
+        rows = read_split(spec.splits[split], data_dir, split, spec.fields + ["label"])
+        assert len(rows) == n
+        assert {str(r["label"]) for r in rows} <= set(spec.labels)
+
+
+def test_held_out_validation_is_fixed_and_disjoint(tiny, data_dir):
+    from datamodules import ClassificationDataModule
+
+    def rows(seed):
+        dm = ClassificationDataModule(task="trec", backbone=tiny("llama"), data_dir=data_dir, seed=seed)
+        return dm.load_rows()
+
+    a, b = rows(1), rows(2)
+    assert len(a["validation"]) == 500 and len(a["train"]) == 5452 - 500
+    assert [r["id"] for r in a["validation"]] == [r["id"] for r in b["validation"]]  # split_seed, not seed
+    assert not {r["id"] for r in a["validation"]} & {r["id"] for r in a["train"]}
+
+
+def test_few_shot_k_per_class_with_seed(tiny, data_dir):
+    from datamodules import ClassificationDataModule
+
+    def sample(seed):
+        dm = ClassificationDataModule(task="trec", backbone=tiny("llama"), data_dir=data_dir, few_shot_k=8, seed=seed)
+        return dm.load_rows()
+
+    a, a2, b = sample(13), sample(13), sample(21)
+    assert Counter(r["label"] for r in a["train"]) == {lab: 8 for lab in load_task("trec").labels}
+    assert Counter(r["label"] for r in a["validation"]) == {lab: 8 for lab in load_task("trec").labels}
+    assert [r["id"] for r in a["train"]] == [r["id"] for r in a2["train"]]
+    assert [r["id"] for r in a["train"]] != [r["id"] for r in b["train"]]
+
+
+ROWS = [{"review": "great film", "stars": "1"}, {"review": "dull film", "stars": "0"}]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "json", "jsonl", "parquet"])
+def test_user_file_formats_with_column_mapping(fmt, tmp_path, tiny):
+    path = tmp_path / f"data.{fmt}"
+    if fmt in ("csv", "tsv"):
+        sep = "," if fmt == "csv" else "\t"
+        path.write_text("review" + sep + "stars\n" + "".join(f"{r['review']}{sep}{r['stars']}\n" for r in ROWS))
+    elif fmt == "json":
+        path.write_text(json.dumps(ROWS))
+    elif fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(ROWS), path)
+    from datamodules import ClassificationDataModule
+
+    dm = ClassificationDataModule(task="sst2", backbone=tiny("llama"), train_file=str(path), validation_file=str(path),
+                                  test_file=str(path), rename={"review": "sentence", "stars": "label"})
+    dm.setup()
+    assert [it["label"] for it in dm.datasets["train"]] == [1, 0]
+
+
+def test_malformed_jsonl_names_the_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"sentence": "ok", "label": "1"}\n{"sentence": "broken", "label": \n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: not valid JSON"):
+        read_split(SplitSource(file=str(path)), tmp_path, "train", ["sentence", "label"])
+
+
+@pytest.mark.parametrize("content,match", [
+    (None, "train file not found"),
+    ("", "train file is empty"),
+    ("text\tstars\nfine\t1\n", r"missing column\(s\) \['sentence', 'label'\]"),
+    ("sentence\tlabel\nfine\t1\textra\n", r"bad.tsv:2: expected 2 columns"),
+])
+def test_bad_files_are_named(content, match, tmp_path):
+    path = tmp_path / "bad.tsv"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(DataError, match=match):
+        read_split(SplitSource(file=str(path)), tmp_path, "train", ["sentence", "label"])
+
+
+def test_unknown_task_lists_known_ones():
+    with pytest.raises(TaskError, match="data.init_args.task: 'sst3'.*sst2"):
+        load_task("sst3")
+
+
+def test_batches_pad_left_for_causal_right_for_mlm(make_data, tiny):
+    causal = next(iter(make_data(tiny("llama")).val_dataloader()))
+    assert (causal["attention_mask"][:, -1] == 1).all()  # answer position last
+    assert (causal["answer_pos"] == causal["input_ids"].shape[1] - 1).all()
+    dm = make_data(tiny("bert"))
+    mlm = next(iter(dm.val_dataloader()))
+    assert (mlm["attention_mask"][:, 0] == 1).all()
+    picked = mlm["input_ids"].gather(1, mlm["answer_pos"][:, None]).squeeze(1)
+    assert (picked == dm.tokenizer.mask_token_id).all()
