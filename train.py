@@ -21,9 +21,11 @@ class PromptCLI(LightningCLI):
         parser.link_arguments("model.init_args.backbone", "data.init_args.backbone")
         parser.link_arguments("model.init_args.backbone_kind", "data.init_args.backbone_kind")
         parser.link_arguments("data.verbalizer", "model.init_args.verbalizer", apply_on="instantiate")
+        parser.link_arguments("data.labels", "model.init_args.labels", apply_on="instantiate")
+        parser.link_arguments("data.metric", "model.init_args.metric", apply_on="instantiate")
         parser.set_defaults({"trainer.callbacks": [
             {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-             "init_args": {"monitor": "val/acc", "mode": "max", "save_last": True, "save_top_k": 1}},
+             "init_args": {"monitor": "val/score", "mode": "max", "save_last": True, "save_top_k": 1}},
             {"class_path": "prompt_methods.callbacks.PredictionWriter"},
             {"class_path": "prompt_methods.callbacks.Throughput"},
         ]})

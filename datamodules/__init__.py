@@ -2,5 +2,6 @@
 
 from datamodules.base import PromptDataModule
 from datamodules.classification import ClassificationDataModule
+from datamodules.relation_extraction import RelationExtractionDataModule
 
-__all__ = ["PromptDataModule", "ClassificationDataModule"]
+__all__ = ["PromptDataModule", "ClassificationDataModule", "RelationExtractionDataModule"]

@@ -49,6 +49,9 @@ class PromptDataModule(L.LightningDataModule):
         num_workers: DataLoader workers.
     """
 
+    #: the task family this DataModule reads; a task spec of another family is an error
+    family: str = "classification"
+
     def __init__(
         self,
         task: str = "sst2",
@@ -76,12 +79,19 @@ class PromptDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.spec: TaskSpec = load_task(task)
+        if self.spec.family != self.family:
+            raise DataError(
+                f"data.init_args.task: '{self.spec.name}' is a {self.spec.family} task; "
+                f"{type(self).__name__} reads {self.family} tasks"
+            )
         for key, path in (("train", train_file), ("validation", validation_file), ("test", test_file), ("predict", predict_file)):
             if path:
                 self.spec.splits[key] = SplitSource(file=path, rename=rename or {})
         if label_words:
             self.spec.label_words = {str(k): [v] if isinstance(v, str) else list(v) for k, v in label_words.items()}
         self.template = self.spec.parsed_template(template).require_mask()
+        if not self.spec.label_words and self.spec.label_words_file:
+            self.spec.label_words = self._read_label_words(Path(data_dir) / self.spec.label_words_file)
         self.labels = self.spec.labels or sorted(self.spec.label_words)
         missing = [lab for lab in self.labels if not self.spec.label_words.get(lab)]
         if missing:
@@ -93,7 +103,20 @@ class PromptDataModule(L.LightningDataModule):
         self.encoder = TemplateTokenizer(self.tokenizer, self.template, self.kind, max_length, mask_tokens)
         self.datasets: dict[str, list[dict]] = {}
 
+    @property
+    def metric(self) -> str:
+        return self.spec.metric
+
     # ------------------------------------------------------------------ labels
+    def _read_label_words(self, path: Path) -> dict[str, list[str]]:
+        """A JSON object label -> name or [name, description, ...]; the name is the label word."""
+        import json
+
+        if not path.is_file():
+            raise DataError(f"label_words_file not found: {path}")
+        raw = json.loads(path.read_text())
+        return {str(k): [v if isinstance(v, str) else v[0]] for k, v in raw.items()}
+
     def _tokenize_label_words(self) -> list[list[list[int]]]:
         """Token ids of every word of every label, tokenized as they follow the template's ``{mask}``."""
         space = TemplateTokenizer.mask_space(self.template)
@@ -119,9 +142,17 @@ class PromptDataModule(L.LightningDataModule):
             ) from None
 
     # ------------------------------------------------------------------ splits
+    def required_columns(self, split: str) -> list[str]:
+        """Columns every row of a split must have (after renaming)."""
+        return list(self.template.fields) + (["label"] if split != "predict" else [])
+
+    def prepare_row(self, row: dict) -> dict:
+        """Family-specific derived fields (e.g. entity mentions); identity here."""
+        return row
+
     def _read(self, split: str) -> list[dict]:
-        required = list(self.template.fields) + (["label"] if split != "predict" else [])
-        return read_split(self.spec.splits[split], self.hparams.data_dir, split, required)
+        rows = read_split(self.spec.splits[split], self.hparams.data_dir, split, self.required_columns(split))
+        return [self.prepare_row(r) for r in rows]
 
     def _per_class(self, rows: list[dict], k: int, rng: random.Random) -> list[dict]:
         by_label = defaultdict(list)
@@ -134,19 +165,24 @@ class PromptDataModule(L.LightningDataModule):
         rng.shuffle(picked)
         return picked
 
+    def _hold_out(self, rows: list[dict], size: int, key: str, salt: int) -> tuple[list[dict], list[dict]]:
+        """Split ``size`` rows off ``rows`` with ``split_seed`` (independent of the run seed)."""
+        if size <= 0 or size >= len(rows):
+            raise DataError(f"data.init_args.{key}={size} does not fit a train split of {len(rows)} rows")
+        order = list(range(len(rows)))
+        random.Random(self.hparams.split_seed + salt).shuffle(order)
+        held = set(order[:size])
+        return [r for i, r in enumerate(rows) if i in held], [r for i, r in enumerate(rows) if i not in held]
+
     def load_rows(self) -> dict[str, list[dict]]:
         """All splits as row dicts, after held-out validation and few-shot sampling."""
         hp = self.hparams
         splits = {name: self._read(name) for name in ("train", "validation", "test", "predict") if name in self.spec.splits}
+        if "test" not in splits and self.spec.test_size:
+            splits["test"], splits["train"] = self._hold_out(splits["train"], self.spec.test_size, "test_size", 0)
         if "validation" not in splits:
             size = hp.validation_size if hp.validation_size is not None else self.spec.validation_size
-            if size <= 0 or size >= len(splits["train"]):
-                raise DataError(f"data.init_args.validation_size={size} does not fit a train split of {len(splits['train'])}")
-            order = list(range(len(splits["train"])))
-            random.Random(hp.split_seed).shuffle(order)
-            held = set(order[:size])
-            splits["validation"] = [r for i, r in enumerate(splits["train"]) if i in held]
-            splits["train"] = [r for i, r in enumerate(splits["train"]) if i not in held]
+            splits["validation"], splits["train"] = self._hold_out(splits["train"], size, "validation_size", 1)
         rng = random.Random(hp.seed)
         if hp.few_shot_k:
             splits["train"] = self._per_class(splits["train"], hp.few_shot_k, rng)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datamodules.base import PromptDataModule
-from datamodules.readers import DataError
 
 
 class ClassificationDataModule(PromptDataModule):
@@ -17,9 +16,4 @@ class ClassificationDataModule(PromptDataModule):
           init_args: {task: sst2, few_shot_k: 16}
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if self.spec.family != "classification":
-            raise DataError(
-                f"data.init_args.task: '{self.spec.name}' is a {self.spec.family} task, not classification"
-            )
+    family = "classification"

@@ -101,14 +101,14 @@ class TemplateTokenizer:
         mask = next((p for p in template.pieces if isinstance(p, Mask)), None)
         return mask.space if mask else ""
 
-    def encode_fields(self, example: dict) -> dict[str, list[int]]:
-        """Tokenize the input fields of one example, truncated to the budget, longest first."""
+    def encode_fields(self, example: dict) -> dict[int, list[int]]:
+        """Tokenize every field occurrence (keyed by piece index), truncated to the budget, longest first."""
         ids = {}
-        for piece in self._pieces():
+        for index, piece in enumerate(self._pieces()):
             if isinstance(piece, Field):
                 value = example.get(piece.name)
                 value = "" if value is None else str(value).strip()
-                ids[piece.name] = self._tok(piece.space + value) if value else []
+                ids[index] = self._tok(piece.space + value) if value else []
         total = sum(len(v) for v in ids.values())
         while total > self.budget:
             longest = max(ids, key=lambda k: len(ids[k]))
@@ -124,11 +124,11 @@ class TemplateTokenizer:
         soft_index = [-1] * len(input_ids)
         answer_pos, slot = None, 0
         pad = self.tokenizer.pad_token_id
-        for piece in self._pieces():
+        for index, piece in enumerate(self._pieces()):
             if isinstance(piece, Text):
                 chunk, soft = self._text_ids[id(piece)], None
             elif isinstance(piece, Field):
-                chunk, soft = fields[piece.name], None
+                chunk, soft = fields[index], None
             elif isinstance(piece, Soft):
                 chunk, soft = [pad] * piece.count, list(range(slot, slot + piece.count))
                 slot += piece.count

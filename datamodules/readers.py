@@ -52,11 +52,7 @@ def _read_jsonl(path: Path, src: SplitSource) -> list[dict]:
 
 
 def _read_json(path: Path, src: SplitSource) -> list[dict]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    data = _read_json_object(path)
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
@@ -88,6 +84,57 @@ def _read_trec(path: Path, src: SplitSource) -> list[dict]:
     return rows
 
 
+def _read_semeval(path: Path, src: SplitSource) -> list[dict]:
+    """SemEval-2010 Task 8 release files: ``id<TAB>"sentence"``, then the label, a comment and a blank
+    line. CRLF and LF both work. The sentence keeps its ``<e1>``/``<e2>`` tags."""
+    rows = []
+    with open(path, encoding="utf-8", newline=None) as f:
+        lines = [line.rstrip("\n") for line in f]
+    i = 0
+    while i < len(lines):
+        if not lines[i].strip():
+            i += 1
+            continue
+        ident, tab, sentence = lines[i].partition("\t")
+        if not tab or not ident.strip().isdigit() or i + 1 >= len(lines):
+            raise DataError(f"{path}:{i + 1}: expected 'id<TAB>\"sentence\"' followed by a label line")
+        sentence = sentence.strip().strip('"')
+        if "<e1>" not in sentence or "<e2>" not in sentence:
+            raise DataError(f"{path}:{i + 1}: sentence lacks <e1>/<e2> tags")
+        rows.append({"id": ident.strip(), "sentence": sentence, "label": lines[i + 1].strip()})
+        i += 2
+        while i < len(lines) and lines[i].strip() and not lines[i].partition("\t")[0].strip().isdigit():
+            i += 1  # Comment: lines
+    return rows
+
+
+def _read_fewrel(path: Path, src: SplitSource) -> list[dict]:
+    """FewRel ``{relation: [{tokens, h: [name, id, [[positions]]], t: ...}]}``; the sentence gets
+    ``<e1>``/``<e2>`` tags around the head and tail mentions."""
+    data = _read_json_object(path)
+    rows = []
+    for relation, instances in data.items():
+        for index, inst in enumerate(instances):
+            try:
+                tokens = list(inst["tokens"])
+                head, tail = inst["h"][2][0], inst["t"][2][0]
+            except (KeyError, IndexError, TypeError):
+                raise DataError(f"{path}: relation {relation} instance {index} lacks tokens/h/t positions") from None
+            for tag, pos in (("e1", head), ("e2", tail)):
+                tokens[pos[0]] = f"<{tag}>" + tokens[pos[0]]
+                tokens[pos[-1]] = tokens[pos[-1]] + f"</{tag}>"
+            rows.append({"id": f"{relation}-{index}", "sentence": " ".join(tokens), "label": relation})
+    return rows
+
+
+def _read_json_object(path: Path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+
+
 READERS: dict[str, Callable[[Path, SplitSource], list[dict]]] = {
     "csv": lambda p, s: _read_delimited(p, s, ","),
     "tsv": lambda p, s: _read_delimited(p, s, "\t"),
@@ -95,6 +142,8 @@ READERS: dict[str, Callable[[Path, SplitSource], list[dict]]] = {
     "jsonl": _read_jsonl,
     "parquet": _read_parquet,
     "trec": _read_trec,
+    "semeval": _read_semeval,
+    "fewrel": _read_fewrel,
 }
 
 

@@ -18,6 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from prompt_methods.backbone import BackboneError, load_backbone, load_tokenizer
 from prompt_methods.readout import ClassificationHead, Feed, build_readout
+from tasks.metrics import METRICS
 
 
 def freeze_except(module: nn.Module, trainable: set[str]) -> None:
@@ -38,6 +39,9 @@ class PromptModule(L.LightningModule):
         backbone: alias (``smollm2-135m``, ``minilm-l6``), local model folder or hub id.
         backbone_kind: ``auto`` or one of causal, mlm, seq2seq, encoder.
         verbalizer: token ids per label per word; linked from ``data.verbalizer`` by the CLI.
+        labels: label names in verbalizer order; linked from ``data.labels``.
+        metric: the task metric (``tasks.metrics.METRICS``); linked from ``data.metric``. Accuracy is
+            always logged; others add ``val/<name>`` and ``test/<name>``.
         readout: ``auto``, ``label_words`` or ``head``.
         tune_backbone: train the backbone's weights too (prompt-based fine-tuning).
         length_norm: divide multi-token word scores by their token count.
@@ -58,6 +62,8 @@ class PromptModule(L.LightningModule):
         backbone: str = "smollm2-135m",
         backbone_kind: str = "auto",
         verbalizer: list[list[list[int]]] | None = None,
+        labels: list[str] | None = None,
+        metric: str = "accuracy",
         readout: str = "auto",
         tune_backbone: bool = False,
         length_norm: bool = False,
@@ -69,7 +75,7 @@ class PromptModule(L.LightningModule):
         trust_remote_code: bool = False,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["verbalizer"])
+        self.save_hyperparameters(ignore=["verbalizer", "labels"])
         self.tune_backbone, self.lr, self.weight_decay, self.warmup_ratio = tune_backbone, lr, weight_decay, warmup_ratio
         self.backbone_dtype, self.attn_implementation = backbone_dtype, attn_implementation
         if not verbalizer:
@@ -88,8 +94,13 @@ class PromptModule(L.LightningModule):
         except ValueError as err:
             raise BackboneError(str(err)) from None
         self.num_labels = len(verbalizer)
+        if metric not in METRICS:
+            raise ValueError(f"model.init_args.metric: '{metric}' is not one of {', '.join(METRICS)}")
+        self.metric, self.labels = metric, labels or [str(i) for i in range(self.num_labels)]
+        self._outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"val": [], "test": []}
         self.metrics = nn.ModuleDict({f"{s}_acc": MulticlassAccuracy(self.num_labels, average="micro") for s in ("train", "val", "test")})
         self.val_acc_best = MaxMetric()
+        self.val_score_best = MaxMetric()
         self.strict_loading = False  # checkpoints of frozen-backbone methods hold only trained weights
 
     # ------------------------------------------------------------------ params
@@ -189,6 +200,8 @@ class PromptModule(L.LightningModule):
         loss = F.cross_entropy(scores.float(), batch["labels"])
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{split} loss is {loss.item()} at global step {self.global_step}")
+        if split in self._outputs and self.metric != "accuracy":
+            self._outputs[split].append((scores.argmax(-1).detach(), batch["labels"]))
         metric = self.metrics[f"{split}_acc"]
         metric(scores, batch["labels"])
         bs = len(batch["labels"])
@@ -203,12 +216,36 @@ class PromptModule(L.LightningModule):
         self._step(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
+        score = self._log_task_metric("val")
         if not self.trainer.sanity_checking:
             self.val_acc_best(self.metrics["val_acc"].compute())
-            self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=False)
+            self.log("val/acc_best", self.val_acc_best.compute())
+            self.val_score_best(score)
+            self.log("val/score_best", self.val_score_best.compute())
 
     def test_step(self, batch, batch_idx):
         self._step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_task_metric("test")
+
+    def _log_task_metric(self, split: str) -> torch.Tensor:
+        """Score the epoch's predictions with the task metric (gathered over processes); log
+        ``<split>/<name>`` for each value and ``<split>/score`` for the first (what checkpoints monitor)."""
+        outputs, self._outputs[split] = self._outputs[split], []
+        if self.metric == "accuracy" or not outputs:
+            score = self.metrics[f"{split}_acc"].compute()
+            self.log(f"{split}/score", score)
+            return score
+        preds = self.all_gather(torch.cat([p for p, _ in outputs])).flatten().tolist()
+        golds = self.all_gather(torch.cat([g for _, g in outputs])).flatten().tolist()
+        values = METRICS[self.metric]([self.labels[i] for i in preds], [self.labels[i] for i in golds])
+        for name, value in values.items():
+            if name != "acc":
+                self.log(f"{split}/{name}", value, rank_zero_only=True)
+        score = torch.tensor(next(iter(values.values())))
+        self.log(f"{split}/score", score, rank_zero_only=True)
+        return score
 
     def predict_step(self, batch, batch_idx):
         probs = self(batch).float().softmax(-1)

@@ -46,7 +46,12 @@ class SplitSource:
 
 @dataclass
 class TaskSpec:
-    """One task. ``label_words`` maps each label to one or more words; words may be multi-token."""
+    """One task. ``label_words`` maps each label to one or more words; words may be multi-token.
+
+    ``validation_size`` / ``test_size`` hold rows out of train (with the DataModule's ``split_seed``)
+    when the task has no such split. ``label_words_file`` (relative to ``data_dir``) is a JSON object
+    label -> name or [name, ...], read when ``label_words`` is empty (FewRel's ``pid2name.json``).
+    """
 
     name: str
     family: str
@@ -57,6 +62,8 @@ class TaskSpec:
     metric: str = "accuracy"
     splits: dict[str, SplitSource] = field(default_factory=dict)
     validation_size: int = 0
+    test_size: int = 0
+    label_words_file: str = ""
     description: str = ""
 
     @classmethod

@@ -106,8 +106,18 @@ def test_truncation_longest_field_first(tiny):
     t = Template.parse("{a} and {b} ? {mask}", ["a", "b"])
     enc = TemplateTokenizer(tok, t, "causal", max_length=20)
     fields = enc.encode_fields({"a": "great " * 40, "b": "bad"})
-    assert len(fields["b"]) == len(tok(" bad", add_special_tokens=False)["input_ids"])
+    assert len(fields[2]) == len(tok(" bad", add_special_tokens=False)["input_ids"])  # piece 2 is {b}
     assert sum(map(len, fields.values())) == enc.budget
+
+
+def test_repeated_field_counts_against_the_budget(tiny):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny("llama"))
+    t = Template.parse("{a} means {b}, so {a} is {mask}", ["a", "b"])
+    enc = TemplateTokenizer(tok, t, "causal", max_length=30)
+    out = enc.encode({"a": "great " * 40, "b": "bad"})
+    assert len(out.input_ids) == 30
 
 
 def test_template_longer_than_max_length(make_data, tiny):

@@ -1,0 +1,85 @@
+"""Relation extraction: readers on the real files, entity markers, and the official SemEval score."""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from datamodules.readers import read_split
+from datamodules.relation_extraction import mark_entities
+from tasks.metrics import semeval_f1
+from tasks.spec import SplitSource, load_task
+
+SCORER = "semeval2010_task8/SemEval2010_task8_scorer-v1.2/semeval2010_task8_scorer-v1.2.pl"
+
+
+def test_semeval_counts_and_labels(data_dir):
+    spec = load_task("semeval")
+    train = read_split(spec.splits["train"], data_dir, "train", ["sentence", "label"])
+    test = read_split(spec.splits["test"], data_dir, "test", ["sentence", "label"])
+    assert (len(train), len(test)) == (8000, 2717)
+    assert {r["label"] for r in train} == set(spec.labels) and len(spec.labels) == 19
+
+
+def test_semeval_reader_accepts_crlf(data_dir, tmp_path):
+    src = Path(data_dir) / load_task("semeval").splits["train"].file
+    crlf = tmp_path / "TRAIN_CRLF.TXT"
+    crlf.write_bytes(src.read_bytes().replace(b"\n", b"\r\n"))
+    lf = read_split(SplitSource(file=str(src), format="semeval"), data_dir, "train", ["sentence", "label"])
+    got = read_split(SplitSource(file=str(crlf), format="semeval"), data_dir, "train", ["sentence", "label"])
+    assert got == lf
+
+
+def test_fewrel_counts_and_split(data_dir, tiny):
+    from datamodules import RelationExtractionDataModule
+
+    dm = RelationExtractionDataModule(task="fewrel", backbone=tiny("llama"), data_dir=data_dir)
+    rows = dm.load_rows()
+    assert (len(rows["train"]), len(rows["validation"]), len(rows["test"])) == (8960, 1120, 1120)
+    ids = [set(r["id"] for r in rows[s]) for s in ("train", "validation", "test")]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    again = RelationExtractionDataModule(task="fewrel", backbone=tiny("llama"), data_dir=data_dir, seed=7).load_rows()
+    assert [r["id"] for r in again["test"]] == [r["id"] for r in rows["test"]]
+    assert dm.spec.label_words["P177"] == ["crosses"]  # from pid2name.json
+
+
+@pytest.mark.parametrize("style,expected", [
+    ("xml", "The <e1>child</e1> was in the <e2>cradle</e2>."),
+    ("brackets", "The [E1] child [/E1] was in the [E2] cradle [/E2]."),
+    ("punct", "The @ child @ was in the # cradle #."),
+    ("none", "The child was in the cradle."),
+])
+def test_entity_marker_styles(style, expected):
+    text, e1, e2 = mark_entities("The <e1>child</e1> was in the <e2>cradle</e2>.", style)
+    assert (text, e1, e2) == (expected, "child", "cradle")
+
+
+def test_semeval_hand_computed():
+    golds = ["Cause-Effect(e1,e2)", "Cause-Effect(e1,e2)", "Other", "Message-Topic(e2,e1)"]
+    preds = ["Cause-Effect(e1,e2)", "Cause-Effect(e2,e1)", "Cause-Effect(e1,e2)", "Message-Topic(e2,e1)"]
+    out = semeval_f1(preds, golds)
+    # Cause-Effect: 1 exact of 3 predicted (any direction), 2 gold -> P 1/3, R 1/2, F1 0.4
+    # Message-Topic: P 1, R 1, F1 1. Macro over the 2 gold relations = 0.7
+    assert out["macro_f1"] == pytest.approx(0.7)
+    assert out["acc"] == pytest.approx(0.5)
+
+
+@pytest.mark.skipif(shutil.which("perl") is None, reason="perl not installed")
+@pytest.mark.parametrize("noise", [0.0, 0.3, 0.7])
+def test_semeval_matches_official_scorer(noise, data_dir, tmp_path):
+    spec = load_task("semeval")
+    test = read_split(spec.splits["test"], data_dir, "test", ["sentence", "label"])
+    rng = random.Random(int(noise * 100))
+    golds = [r["label"] for r in test]
+    preds = [g if rng.random() >= noise else rng.choice(spec.labels) for g in golds]
+    (tmp_path / "pred.txt").write_text("".join(f"{r['id']}\t{p}\n" for r, p in zip(test, preds)))
+    (tmp_path / "key.txt").write_text("".join(f"{r['id']}\t{g}\n" for r, g in zip(test, golds)))
+    out = subprocess.run(["perl", str(Path(data_dir) / SCORER), str(tmp_path / "pred.txt"), str(tmp_path / "key.txt")],
+                         capture_output=True, text=True, check=True).stdout
+    official = float(re.search(r"macro-averaged F1 = ([\d.]+)%", out).group(1))
+    assert round(100 * semeval_f1(preds, golds)["macro_f1"], 2) == official
