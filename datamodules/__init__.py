@@ -2,6 +2,7 @@
 
 from datamodules.base import PromptDataModule
 from datamodules.classification import ClassificationDataModule
+from datamodules.question_answering import QuestionAnsweringDataModule
 from datamodules.relation_extraction import RelationExtractionDataModule
 
-__all__ = ["PromptDataModule", "ClassificationDataModule", "RelationExtractionDataModule"]
+__all__ = ["PromptDataModule", "ClassificationDataModule", "RelationExtractionDataModule", "QuestionAnsweringDataModule"]

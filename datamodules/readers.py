@@ -127,6 +127,20 @@ def _read_fewrel(path: Path, src: SplitSource) -> list[dict]:
     return rows
 
 
+def _read_boolq(path: Path, src: SplitSource) -> list[dict]:
+    """BoolQ in SuperGLUE form. ``dev.jsonl`` rows (``answer`` "True"/"False", separate ``title``) get
+    the passage as "title -- passage", like ``combined.jsonl``. From ``combined.jsonl`` only labeled
+    rows are kept, minus those whose (question, passage) is in the ``dev.jsonl`` beside it."""
+    rows = _read_jsonl(path, src)
+    if rows and "answer" in rows[0]:
+        return [{"question": r["question"], "passage": f"{r['title']} -- {r['passage']}" if r.get("title") else r["passage"],
+                 "label": str(r["answer"])} for r in rows]
+    dev = path.parent / "dev.jsonl"
+    held = {(r["question"], r["passage"]) for r in _read_boolq(dev, src)} if dev.exists() and dev != path else set()
+    return [{"id": f"boolq-{r.get('idx', i)}", "question": r["question"], "passage": r["passage"], "label": str(r["label"])}
+            for i, r in enumerate(rows) if r.get("label") is not None and (r["question"], r["passage"]) not in held]
+
+
 def _read_json_object(path: Path):
     try:
         with open(path, encoding="utf-8") as f:
@@ -144,6 +158,7 @@ READERS: dict[str, Callable[[Path, SplitSource], list[dict]]] = {
     "trec": _read_trec,
     "semeval": _read_semeval,
     "fewrel": _read_fewrel,
+    "boolq": _read_boolq,
 }
 
 

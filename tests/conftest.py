@@ -127,3 +127,25 @@ def make_data(sst_files):
         return dm
 
     return make
+
+
+@pytest.fixture(scope="session")
+def family_files(sst_files, tmp_path_factory):
+    """Tiny train/validation/test files per task: SST-2 shaped tsv, relation jsonl, BoolQ jsonl."""
+    import json
+
+    folder = tmp_path_factory.mktemp("families")
+    rel = [{"sentence": "The <e1>child</e1> was put in the <e2>cradle</e2> .", "label": "Content-Container(e1,e2)"},
+           {"sentence": "The <e1>storm</e1> caused the <e2>flood</e2> .", "label": "Cause-Effect(e1,e2)"},
+           {"sentence": "A <e1>book</e1> about the <e2>war</e2> .", "label": "Message-Topic(e1,e2)"}] * 2
+    fewrel = [{**r, "label": pid} for r, pid in zip(rel, ["P177", "P361", "P26", "P177", "P361", "P26"])]
+    boolq = [{"question": "is the sky blue", "passage": "The sky is blue on a clear day.", "label": "True"},
+             {"question": "is fire cold", "passage": "Fire is hot.", "label": "False"}] * 3
+    out = {"sst2": {s: str(sst_files / f"{s}.tsv") for s in ("train", "validation", "test")}}
+    for task, rows in (("semeval", rel), ("fewrel", fewrel), ("boolq", boolq)):
+        path = folder / f"{task}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        out[task] = {s: str(path) for s in ("train", "validation", "test")}
+    for task in ("trec", "agnews"):
+        out[task] = None  # run on the SST-2 files with task sst2 (same family, same reader path)
+    return out

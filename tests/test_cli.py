@@ -45,36 +45,40 @@ def run_cli(extra: list[str], sub: str, monkeypatch, expect_exit: bool = False):
     return train.main([sub, *extra])
 
 
-def tiny_args(tiny, sst_files, tmp_path, method_overrides=()):
+def tiny_args(tiny, files, tmp_path, task="sst2"):
+    """Point a config at the tiny Llama and tiny files of ``task``, logging into ``tmp_path``."""
     return [
         "--model.init_args.backbone", tiny("llama"),
-        "--data.init_args.train_file", str(sst_files / "train.tsv"),
-        "--data.init_args.validation_file", str(sst_files / "validation.tsv"),
-        "--data.init_args.test_file", str(sst_files / "test.tsv"),
+        "--data.init_args.train_file", files["train"],
+        "--data.init_args.validation_file", files["validation"],
+        "--data.init_args.test_file", files["test"],
         "--data.init_args.batch_size", "3",
         "--trainer.logger.init_args.save_dir", str(tmp_path),
         "--trainer.precision", "32-true",
-        *method_overrides,
     ]
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_fast_dev_run_every_config(config, tiny, sst_files, tmp_path, monkeypatch):
+def test_fast_dev_run_every_config(config, tiny, family_files, tmp_path, monkeypatch):
     sub = subcommand_of(config)
-    task = yaml.safe_load((ROOT / config).read_text())["data"]["init_args"]["task"]
-    extra = ["--data.init_args.task", "sst2"] if task != "sst2" else []  # the tiny files are SST-2 shaped
-    template = yaml.safe_load((ROOT / config).read_text())["data"]["init_args"].get("template")
-    if template and task != "sst2":
-        pytest.skip("task-specific template on the tiny SST-2 files")
-    cli = run_cli(["--config", config, *tiny_args(tiny, sst_files, tmp_path), *extra, "--trainer.fast_dev_run", "true"],
-                  sub, monkeypatch)
+    data_args = yaml.safe_load((ROOT / config).read_text())["data"]["init_args"]
+    task = data_args["task"]
+    extra = []
+    if family_files[task] is None:  # same family and reader path as SST-2: run on the SST-2 files
+        if data_args.get("template"):
+            pytest.skip("task-specific template on the tiny SST-2 files")
+        task, extra = "sst2", ["--data.init_args.task", "sst2"]
+    args = ["--config", config, *tiny_args(tiny, family_files[task], tmp_path), *extra, "--trainer.fast_dev_run", "true"]
+    cli = run_cli(args, sub, monkeypatch)
     metrics = cli.trainer.callback_metrics
     key = {"fit": "val/acc", "validate": "val/acc", "test": "test/acc"}[sub]
     assert key in metrics and 0.0 <= float(metrics[key]) <= 1.0
+    if cli.model.metric == "semeval_f1":
+        assert f"{key.split('/')[0]}/macro_f1" in metrics
 
 
-def test_fit_then_test_logs_to_wandb_offline(tiny, sst_files, tmp_path, monkeypatch):
-    args = ["--config", "configs/sst2/soft_prompt.yaml", *tiny_args(tiny, sst_files, tmp_path),
+def test_fit_then_test_logs_to_wandb_offline(tiny, family_files, tmp_path, monkeypatch):
+    args = ["--config", "configs/sst2/soft_prompt.yaml", *tiny_args(tiny, family_files["sst2"], tmp_path),
             "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.log_every_n_steps", "1"]
     cli = run_cli(args, "fit", monkeypatch)
     logger = cli.trainer.logger
@@ -97,9 +101,9 @@ def test_fit_then_test_logs_to_wandb_offline(tiny, sst_files, tmp_path, monkeypa
     assert (run_folder / "checkpoints" / "last.ckpt").exists()
 
 
-def test_predict_writes_ids_and_labels(tiny, sst_files, tmp_path, monkeypatch):
+def test_predict_writes_ids_and_labels(tiny, family_files, tmp_path, monkeypatch):
     out_file = tmp_path / "preds.jsonl"
-    args = ["--config", "configs/sst2/hard_prompt.yaml", *tiny_args(tiny, sst_files, tmp_path),
+    args = ["--config", "configs/sst2/hard_prompt.yaml", *tiny_args(tiny, family_files["sst2"], tmp_path),
             "--trainer.callbacks+=prompt_methods.callbacks.PredictionWriter",
             "--trainer.callbacks.output_file", str(out_file)]
     run_cli(args, "predict", monkeypatch)
@@ -108,7 +112,7 @@ def test_predict_writes_ids_and_labels(tiny, sst_files, tmp_path, monkeypatch):
     assert all(r["pred"] in ("0", "1") and abs(sum(r["probs"].values()) - 1) < 1e-4 for r in rows)
 
 
-def test_frozen_hard_prompt_fit_is_a_clear_error(tiny, sst_files, tmp_path, monkeypatch):
-    args = ["--config", "configs/sst2/hard_prompt.yaml", *tiny_args(tiny, sst_files, tmp_path), "--trainer.fast_dev_run", "true"]
+def test_frozen_hard_prompt_fit_is_a_clear_error(tiny, family_files, tmp_path, monkeypatch):
+    args = ["--config", "configs/sst2/hard_prompt.yaml", *tiny_args(tiny, family_files["sst2"], tmp_path), "--trainer.fast_dev_run", "true"]
     with pytest.raises(ValueError, match="tune_backbone: true"):
         run_cli(args, "fit", monkeypatch)

@@ -15,6 +15,7 @@ from tasks.spec import SplitSource, TaskError, load_task
     ("sst2", {"train": 67349, "validation": 872, "test": 1821}),
     ("trec", {"train": 5452, "test": 500}),
     ("agnews", {"train": 10001, "test": 7600}),
+    ("boolq", {"train": 9427, "test": 3270}),
 ])
 def test_real_files_row_counts(task, counts, data_dir):
     spec = load_task(task)
