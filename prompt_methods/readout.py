@@ -124,6 +124,28 @@ class CausalLabelWords(_LabelWords):
         return token_lp.sum(-1).view(B, W)
 
 
+    @torch.no_grad()
+    def naive(self, backbone, feed_fn) -> torch.Tensor:
+        """Reference scoring: the whole prompt is run again for every word, word tokens appended.
+        ``feed_fn()`` must return a fresh :class:`Feed` (a prefix cache is consumed by each run).
+        Used by tests and the scoring benchmark; the same scores as :meth:`forward`, W times the cost."""
+        columns = []
+        for w in range(self.words.size(0)):
+            feed = feed_fn()
+            ids = self.words[w, : int(self.lengths[w])]  # (L_w,)
+            B, n = feed.inputs_embeds.size(0), ids.numel()
+            embeds = backbone.get_input_embeddings()(ids).to(feed.inputs_embeds.dtype).expand(B, -1, -1)
+            mask = torch.cat([feed.attention_mask, feed.attention_mask.new_ones(B, n)], 1)
+            pos = None
+            if feed.position_ids is not None:
+                pos = torch.cat([feed.position_ids, feed.position_ids[:, -1:] + 1 + torch.arange(n)], 1)
+            full = Feed(torch.cat([feed.inputs_embeds, embeds], 1), mask, feed.answer_pos, pos, feed.past_key_values)
+            hidden = base_forward(backbone, full).last_hidden_state[:, -n - 1:-1]  # (B, n, H): predicts each word token
+            logp = F.log_softmax(backbone.get_output_embeddings()(hidden).float(), dim=-1)
+            columns.append(logp.gather(-1, ids.expand(B, -1).unsqueeze(-1)).squeeze(-1).sum(-1))
+        return self.aggregate(torch.stack(columns, 1))
+
+
 def mlm_head(backbone) -> nn.Module:
     """The masked-LM head: the top-level child that is not the base model (``cls``, ``lm_head``)."""
     heads = [m for name, m in backbone.named_children() if name != backbone.base_model_prefix]

@@ -182,3 +182,20 @@ def test_soft_prompt_init_from_text(tiny, make_data):
     torch.testing.assert_close(model.prompt.data, expected.detach())
     with pytest.raises(ValueError, match="model.init_args.init_text is required"):
         SoftPrompt(backbone=backbone, verbalizer=dm.verbalizer, init="text")
+
+
+@pytest.mark.parametrize("name", ["hard_prompt", "soft_prompt", "prefix_tuning", "p_tuning"])
+def test_shared_prompt_scoring_equals_naive(name, tiny, make_data):
+    """Multi-token label words scored against one shared prompt cache equal running the whole prompt
+    once per word (with several words per label)."""
+    cls, kwargs = METHODS[name]
+    backbone = tiny("llama")
+    dm = make_data(backbone, label_words={"0": ["terrible", "bad movie"], "1": ["wonderful", "great"]})
+    assert max(len(w) for words in dm.verbalizer for w in words) > 1
+    model = cls(backbone=backbone, verbalizer=dm.verbalizer, **kwargs)
+    model.eval()
+    batch = next(iter(dm.val_dataloader()))
+    with torch.no_grad():
+        shared = model(batch)
+        naive = model.readout.naive(model.backbone, lambda: model.feed(batch))
+    torch.testing.assert_close(shared, naive, atol=1e-4, rtol=1e-4)
