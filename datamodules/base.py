@@ -90,22 +90,29 @@ class PromptDataModule(L.LightningDataModule):
         if label_words:
             self.spec.label_words = {str(k): [v] if isinstance(v, str) else list(v) for k, v in label_words.items()}
         self.template = self.spec.parsed_template(template).require_mask()
+        self.text_answers = self.spec.answer_type == "text"
         if not self.spec.label_words and self.spec.label_words_file:
             self.spec.label_words = self._read_label_words(Path(data_dir) / self.spec.label_words_file)
         self.labels = self.spec.labels or sorted(self.spec.label_words)
         missing = [lab for lab in self.labels if not self.spec.label_words.get(lab)]
+        if not self.labels and not self.text_answers:
+            raise DataError(f"data.init_args.task: '{self.spec.name}' has neither labels nor answer_type: text")
         if missing:
             raise DataError(f"data.init_args.label_words: no words for label(s) {missing}")
         self.tokenizer = load_tokenizer(backbone)
         self.kind = detect_kind(load_config(backbone)[1]) if backbone_kind == "auto" else backbone_kind
         self.verbalizer = self._tokenize_label_words()
-        mask_tokens = max(len(w) for words in self.verbalizer for w in words)
+        mask_tokens = max((len(w) for words in self.verbalizer for w in words), default=1)
         self.encoder = TemplateTokenizer(self.tokenizer, self.template, self.kind, max_length, mask_tokens)
         self.datasets: dict[str, list[dict]] = {}
 
     @property
     def metric(self) -> str:
         return self.spec.metric
+
+    @property
+    def max_answer_tokens(self) -> int:
+        return self.spec.max_answer_tokens
 
     # ------------------------------------------------------------------ labels
     def _read_label_words(self, path: Path) -> dict[str, list[str]]:
@@ -144,7 +151,8 @@ class PromptDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ splits
     def required_columns(self, split: str) -> list[str]:
         """Columns every row of a split must have (after renaming)."""
-        return list(self.template.fields) + (["label"] if split != "predict" else [])
+        answer = "answers" if self.text_answers else "label"
+        return list(self.template.fields) + ([answer] if split != "predict" else [])
 
     def prepare_row(self, row: dict) -> dict:
         """Family-specific derived fields (e.g. entity mentions); identity here."""
@@ -184,7 +192,9 @@ class PromptDataModule(L.LightningDataModule):
             size = hp.validation_size if hp.validation_size is not None else self.spec.validation_size
             splits["validation"], splits["train"] = self._hold_out(splits["train"], size, "validation_size", 1)
         rng = random.Random(hp.seed)
-        if hp.few_shot_k:
+        if hp.few_shot_k and self.text_answers:  # no classes: K examples in all
+            splits["train"] = rng.sample(splits["train"], min(hp.few_shot_k, len(splits["train"])))
+        elif hp.few_shot_k:
             splits["train"] = self._per_class(splits["train"], hp.few_shot_k, rng)
             splits["validation"] = self._per_class(splits["validation"], hp.few_shot_k, rng)
         if hp.max_train_samples:
@@ -199,7 +209,12 @@ class PromptDataModule(L.LightningDataModule):
     def encode_row(self, row: dict, split: str) -> dict:
         enc = self.encoder.encode(row)
         item = {"id": str(row["id"]), "input_ids": enc.input_ids, "soft_index": enc.soft_index, "answer_pos": enc.answer_pos}
-        if split != "predict" or "label" in row:
+        if self.text_answers and row.get("answers"):
+            item["answers"] = [str(a) for a in row["answers"]]
+            space = TemplateTokenizer.mask_space(self.template) if self.kind == "causal" else ""
+            target = self.tokenizer(space + item["answers"][0].strip(), add_special_tokens=False)["input_ids"]
+            item["target_ids"] = target[: self.spec.max_answer_tokens - 1] + [self.tokenizer.eos_token_id]
+        elif not self.text_answers and (split != "predict" or "label" in row):
             item["label"] = self.label_index(row, f"{split} split")
         return item
 
@@ -227,6 +242,14 @@ class PromptDataModule(L.LightningDataModule):
         batch["answer_pos"] = torch.tensor(answer)
         if all("label" in it for it in items):
             batch["labels"] = torch.tensor([it["label"] for it in items])
+        if all("target_ids" in it for it in items):  # answers to generate: padded on the right
+            width = max(len(it["target_ids"]) for it in items)
+            batch["target_ids"] = torch.full((len(items), width), pad_id, dtype=torch.long)
+            batch["target_mask"] = torch.zeros((len(items), width), dtype=torch.long)
+            for i, it in enumerate(items):
+                batch["target_ids"][i, : len(it["target_ids"])] = torch.tensor(it["target_ids"])
+                batch["target_mask"][i, : len(it["target_ids"])] = 1
+            batch["answers"] = [it["answers"] for it in items]
         batch["ids"] = [it["id"] for it in items]
         return batch
 

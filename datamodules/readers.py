@@ -53,6 +53,8 @@ def _read_jsonl(path: Path, src: SplitSource) -> list[dict]:
 
 def _read_json(path: Path, src: SplitSource) -> list[dict]:
     data = _read_json_object(path)
+    if isinstance(data, dict) and data.get("data") and isinstance(data["data"][0], dict) and "paragraphs" in data["data"][0]:
+        return _read_squad(path, src)  # a file in SQuAD shape
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
@@ -141,6 +143,24 @@ def _read_boolq(path: Path, src: SplitSource) -> list[dict]:
             for i, r in enumerate(rows) if r.get("label") is not None and (r["question"], r["passage"]) not in held]
 
 
+def _read_squad(path: Path, src: SplitSource) -> list[dict]:
+    """SQuAD v1.1 JSON, one row per question, keeping articles whose index modulo 10 is in ``shards``."""
+    data = _read_json_object(path)
+    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+        raise DataError(f"{path}: expected SQuAD JSON with a 'data' list of articles")
+    rows = []
+    for index, article in enumerate(data["data"]):
+        if src.shards is not None and index % 10 not in src.shards:
+            continue
+        for paragraph in article["paragraphs"]:
+            for qa in paragraph["qas"]:
+                answers = [a["text"] for a in qa.get("answers", [])]
+                rows.append({"id": qa["id"], "title": article.get("title", ""), "context": paragraph["context"],
+                             "question": qa["question"], "answers": answers,
+                             "answer_starts": [a["answer_start"] for a in qa.get("answers", [])]})
+    return rows
+
+
 def _read_json_object(path: Path):
     try:
         with open(path, encoding="utf-8") as f:
@@ -159,6 +179,7 @@ READERS: dict[str, Callable[[Path, SplitSource], list[dict]]] = {
     "semeval": _read_semeval,
     "fewrel": _read_fewrel,
     "boolq": _read_boolq,
+    "squad": _read_squad,
 }
 
 

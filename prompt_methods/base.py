@@ -17,6 +17,7 @@ from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from prompt_methods.backbone import BackboneError, load_backbone, load_tokenizer
+from prompt_methods.generation import Generator
 from prompt_methods.readout import ClassificationHead, Feed, build_readout
 from tasks.metrics import METRICS
 
@@ -42,7 +43,8 @@ class PromptModule(L.LightningModule):
         labels: label names in verbalizer order; linked from ``data.labels``.
         metric: the task metric (``tasks.metrics.METRICS``); linked from ``data.metric``. Accuracy is
             always logged; others add ``val/<name>`` and ``test/<name>``.
-        readout: ``auto``, ``label_words`` or ``head``.
+        readout: ``auto``, ``label_words``, ``head`` or ``generate`` (auto: generate for text answers,
+            i.e. an empty verbalizer; label words with an LM head; else a classification head).
         tune_backbone: train the backbone's weights too (prompt-based fine-tuning).
         length_norm: divide multi-token word scores by their token count.
         lr: AdamW learning rate.
@@ -52,6 +54,7 @@ class PromptModule(L.LightningModule):
             or ``float32`` / ``bfloat16``. Method parameters always stay fp32.
         attn_implementation: ``auto`` (eager on CPU, sdpa on GPU), ``eager`` or ``sdpa``.
         trust_remote_code: allow model code from the hub; off unless set.
+        max_new_tokens: the longest generated answer (tasks with text answers).
     """
 
     #: parameter-name prefixes the method trains (besides the readout head)
@@ -73,12 +76,15 @@ class PromptModule(L.LightningModule):
         backbone_dtype: str = "auto",
         attn_implementation: str = "auto",
         trust_remote_code: bool = False,
+        max_new_tokens: int = 24,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["verbalizer", "labels"])
         self.tune_backbone, self.lr, self.weight_decay, self.warmup_ratio = tune_backbone, lr, weight_decay, warmup_ratio
         self.backbone_dtype, self.attn_implementation = backbone_dtype, attn_implementation
-        if not verbalizer:
+        if readout == "auto" and not verbalizer:
+            readout = "generate"  # a task with text answers
+        if not verbalizer and readout != "generate":
             raise ValueError("model.init_args.verbalizer is empty: the CLI links it from the data module's label words")
         if backbone_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"model.init_args.backbone_dtype: '{backbone_dtype}' is not auto, float32 or bfloat16")
@@ -90,15 +96,19 @@ class PromptModule(L.LightningModule):
         vocab = self.tokenizer.get_vocab()
         info = {"sentinel_id": vocab.get("<extra_id_0>")}
         try:
-            self.readout = build_readout(readout, self.kind, self.backbone, verbalizer, length_norm, info)
+            if readout == "generate":
+                self.readout = Generator(self.kind, self.tokenizer.eos_token_id, max_new_tokens)
+            else:
+                self.readout = build_readout(readout, self.kind, self.backbone, verbalizer, length_norm, info)
         except ValueError as err:
-            raise BackboneError(str(err)) from None
-        self.num_labels = len(verbalizer)
+            raise BackboneError(f"model.init_args.readout: {err}") from None
+        self.generative = isinstance(self.readout, Generator)
+        self.num_labels = max(1, len(verbalizer))
         if metric not in METRICS:
             raise ValueError(f"model.init_args.metric: '{metric}' is not one of {', '.join(METRICS)}")
         self.metric, self.labels = metric, labels or [str(i) for i in range(self.num_labels)]
         self._outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"val": [], "test": []}
-        self.metrics = nn.ModuleDict({f"{s}_acc": MulticlassAccuracy(self.num_labels, average="micro") for s in ("train", "val", "test")})
+        self.metrics = nn.ModuleDict({f"{s}_acc": MulticlassAccuracy(max(2, self.num_labels), average="micro") for s in ("train", "val", "test")})
         self.val_acc_best = MaxMetric()
         self.val_score_best = MaxMetric()
         self.strict_loading = False  # checkpoints of frozen-backbone methods hold only trained weights
@@ -195,7 +205,19 @@ class PromptModule(L.LightningModule):
             logger.log_hyperparams({"trainable_params": trainable, "total_params": total})
         self.print(f"{type(self).__name__}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.4f}%)")
 
+    def _generative_step(self, batch: dict, split: str) -> torch.Tensor:
+        loss = self.readout.loss(self.backbone, self.feed(batch), batch["target_ids"], batch["target_mask"])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{split} loss is {loss.item()} at global step {self.global_step}")
+        self.log(f"{split}/loss", loss, prog_bar=split == "train", batch_size=len(batch["ids"]), sync_dist=split != "train")
+        if split in self._outputs:
+            answers = self.tokenizer.batch_decode(self.readout.generate(self.backbone, self.feed(batch)), skip_special_tokens=True)
+            self._outputs[split].append(([a.strip() for a in answers], batch["answers"]))
+        return loss
+
     def _step(self, batch: dict, split: str) -> torch.Tensor:
+        if self.generative:
+            return self._generative_step(batch, split)
         scores = self(batch)
         loss = F.cross_entropy(scores.float(), batch["labels"])
         if not torch.isfinite(loss):
@@ -218,8 +240,9 @@ class PromptModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         score = self._log_task_metric("val")
         if not self.trainer.sanity_checking:
-            self.val_acc_best(self.metrics["val_acc"].compute())
-            self.log("val/acc_best", self.val_acc_best.compute())
+            if not self.generative:
+                self.val_acc_best(self.metrics["val_acc"].compute())
+                self.log("val/acc_best", self.val_acc_best.compute())
             self.val_score_best(score)
             self.log("val/score_best", self.val_score_best.compute())
 
@@ -233,6 +256,18 @@ class PromptModule(L.LightningModule):
         """Score the epoch's predictions with the task metric (gathered over processes); log
         ``<split>/<name>`` for each value and ``<split>/score`` for the first (what checkpoints monitor)."""
         outputs, self._outputs[split] = self._outputs[split], []
+        if self.generative:
+            preds, golds = [p for ps, _ in outputs for p in ps], [g for _, gs in outputs for g in gs]
+            if self.trainer.world_size > 1:
+                gathered = [None] * self.trainer.world_size
+                torch.distributed.all_gather_object(gathered, (preds, golds))
+                preds, golds = [p for ps, _ in gathered for p in ps], [g for _, gs in gathered for g in gs]
+            values = METRICS[self.metric](preds, golds) if preds else {"em": 0.0, "f1": 0.0}
+            for name, value in values.items():
+                self.log(f"{split}/{name}", value)
+            score = torch.tensor(values.get("f1", next(iter(values.values()))))
+            self.log(f"{split}/score", score)
+            return score
         if self.metric == "accuracy" or not outputs:
             score = self.metrics[f"{split}_acc"].compute()
             self.log(f"{split}/score", score)
@@ -248,6 +283,9 @@ class PromptModule(L.LightningModule):
         return score
 
     def predict_step(self, batch, batch_idx):
+        if self.generative:
+            answers = self.tokenizer.batch_decode(self.readout.generate(self.backbone, self.feed(batch)), skip_special_tokens=True)
+            return {"id": batch["ids"], "answer": [a.strip() for a in answers], "gold": batch.get("answers")}
         probs = self(batch).float().softmax(-1)
         out = {"id": batch["ids"], "pred": probs.argmax(-1).tolist(), "probs": probs.tolist()}
         if "labels" in batch:

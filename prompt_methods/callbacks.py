@@ -53,6 +53,12 @@ class PredictionWriter(BasePredictionWriter):
         lines = []
         for batch in predictions:
             for i, ident in enumerate(batch["id"]):
+                if "answer" in batch:  # generated text answers
+                    row = {"id": ident, "answer": batch["answer"][i]}
+                    if batch.get("gold"):
+                        row["gold"] = batch["gold"][i]
+                    lines.append(json.dumps(row))
+                    continue
                 row = {"id": ident, "pred": labels[batch["pred"][i]],
                        "probs": {lab: round(p, 6) for lab, p in zip(labels, batch["probs"][i])}}
                 if "label" in batch:

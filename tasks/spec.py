@@ -33,6 +33,8 @@ class SplitSource:
         label_map: raw label value -> label name.
         hub: a ``datasets`` hub name instead of a file (``name`` or ``name:config``), with ``split`` below.
         split: the hub split.
+        shards: for readers of grouped data (SQuAD articles): keep groups whose index modulo 10 is listed,
+            so splits never share a group.
     """
 
     file: str = ""
@@ -42,12 +44,15 @@ class SplitSource:
     label_map: dict[str, str] = field(default_factory=dict)
     hub: str = ""
     split: str = ""
+    shards: list[int] | None = None
 
 
 @dataclass
 class TaskSpec:
     """One task. ``label_words`` maps each label to one or more words; words may be multi-token.
 
+    ``answer_type`` is ``label`` (a verbalizer scores label words) or ``text`` (the answer is generated,
+    or extracted as a span; rows carry ``answers``, a list of gold strings).
     ``validation_size`` / ``test_size`` hold rows out of train (with the DataModule's ``split_seed``)
     when the task has no such split. ``label_words_file`` (relative to ``data_dir``) is a JSON object
     label -> name or [name, ...], read when ``label_words`` is empty (FewRel's ``pid2name.json``).
@@ -60,6 +65,8 @@ class TaskSpec:
     labels: list[str] = field(default_factory=list)
     label_words: dict[str, list[str]] = field(default_factory=dict)
     metric: str = "accuracy"
+    answer_type: str = "label"
+    max_answer_tokens: int = 24
     splits: dict[str, SplitSource] = field(default_factory=dict)
     validation_size: int = 0
     test_size: int = 0

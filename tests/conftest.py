@@ -146,6 +146,12 @@ def family_files(sst_files, tmp_path_factory):
         path = folder / f"{task}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         out[task] = {s: str(path) for s in ("train", "validation", "test")}
+    squad_path = folder / "squad.json"
+    squad_path.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [{
+        "context": "The film was great and the acting was wonderful.",
+        "qas": [{"id": f"q{i}", "question": "How was the film?", "answers": [{"text": "great", "answer_start": 13}]}
+                for i in range(6)]}]}]}))
+    out["squad"] = {s: str(squad_path) for s in ("train", "validation", "test")}
     for task in ("trec", "agnews"):
         out[task] = None  # run on the SST-2 files with task sst2 (same family, same reader path)
     return out

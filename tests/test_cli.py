@@ -71,8 +71,10 @@ def test_fast_dev_run_every_config(config, tiny, family_files, tmp_path, monkeyp
     args = ["--config", config, *tiny_args(tiny, family_files[task], tmp_path), *extra, "--trainer.fast_dev_run", "true"]
     cli = run_cli(args, sub, monkeypatch)
     metrics = cli.trainer.callback_metrics
-    key = {"fit": "val/acc", "validate": "val/acc", "test": "test/acc"}[sub]
+    key = {"fit": "val/score", "validate": "val/score", "test": "test/score"}[sub]
     assert key in metrics and 0.0 <= float(metrics[key]) <= 1.0
+    split = key.split("/")[0]
+    assert (f"{split}/f1" in metrics and f"{split}/em" in metrics) if cli.model.generative else f"{split}/acc" in metrics
     if cli.model.metric == "semeval_f1":
         assert f"{key.split('/')[0]}/macro_f1" in metrics
 

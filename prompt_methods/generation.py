@@ -1,0 +1,87 @@
+"""Generative answers: teacher-forced loss on the gold answer, greedy decoding for predictions.
+
+Works with every method because it starts from the method's :class:`Feed`: soft prompts and
+P-tuning vectors are in the prompt embeddings and a prefix is in the cache, so they apply at the
+first decoding step; after that the cache grows one token at a time as usual.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutput
+
+from prompt_methods.readout import Feed, base_forward
+
+
+class Generator(nn.Module):
+    """Answer generation for causal and seq2seq backbones.
+
+    Args:
+        kind: ``causal`` or ``seq2seq``.
+        eos_id: token that ends an answer.
+        max_new_tokens: the longest answer generated.
+    """
+
+    def __init__(self, kind: str, eos_id: int, max_new_tokens: int = 24):
+        super().__init__()
+        if kind not in ("causal", "seq2seq"):
+            raise ValueError(f"generation needs a causal or seq2seq backbone, not {kind}")
+        self.kind, self.eos_id, self.max_new_tokens = kind, eos_id, max_new_tokens
+
+    @staticmethod
+    def _extend(feed: Feed, embeds: torch.Tensor, mask: torch.Tensor, cache) -> Feed:
+        """Feed for tokens that follow the prompt: mask and positions continue it."""
+        full_mask = torch.cat([feed.attention_mask, mask], 1)
+        pos = None
+        if feed.position_ids is not None:
+            pos = feed.position_ids[:, -1:] + mask.long().cumsum(1)  # (B, n)
+        return Feed(embeds, full_mask, feed.answer_pos, pos, cache)
+
+    def loss(self, backbone, feed: Feed, targets: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the gold answer tokens (B, L) given the prompt."""
+        if self.kind == "seq2seq":
+            enc = base_forward(backbone, feed).last_hidden_state
+            labels = targets.masked_fill(target_mask == 0, -100)
+            return backbone(encoder_outputs=BaseModelOutput(last_hidden_state=enc), attention_mask=feed.attention_mask,
+                            labels=labels).loss
+        embeds = backbone.get_input_embeddings()(targets).to(feed.inputs_embeds.dtype)  # (B, L, H)
+        joined = self._extend(feed, embeds, target_mask, feed.past_key_values)
+        full = Feed(torch.cat([feed.inputs_embeds, embeds], 1), joined.attention_mask, feed.answer_pos,
+                    None if feed.position_ids is None else torch.cat([feed.position_ids, joined.position_ids], 1),
+                    feed.past_key_values)
+        L = targets.size(1)
+        hidden = base_forward(backbone, full).last_hidden_state[:, -L - 1:-1]  # (B, L, H): predicts each target
+        logits = backbone.get_output_embeddings()(hidden).float()  # LM head on answer positions only
+        return F.cross_entropy(logits.transpose(1, 2), targets.masked_fill(target_mask == 0, -100))
+
+    @torch.no_grad()
+    def generate(self, backbone, feed: Feed) -> list[list[int]]:
+        """Greedy decoding; token ids of each answer without the end token."""
+        B = feed.inputs_embeds.size(0)
+        if self.kind == "seq2seq":
+            enc = base_forward(backbone, feed).last_hidden_state
+            out = backbone.generate(encoder_outputs=BaseModelOutput(last_hidden_state=enc), attention_mask=feed.attention_mask,
+                                    max_new_tokens=self.max_new_tokens, do_sample=False, eos_token_id=self.eos_id)
+            tokens = out[:, 1:]
+        else:
+            out = base_forward(backbone, feed, use_cache=True)
+            cache, hidden, steps = out.past_key_values, out.last_hidden_state[:, -1], []
+            done = torch.zeros(B, dtype=torch.bool, device=hidden.device)
+            for _ in range(self.max_new_tokens):
+                nxt = backbone.get_output_embeddings()(hidden).argmax(-1)  # (B,)
+                nxt = nxt.masked_fill(done, self.eos_id)
+                steps.append(nxt)
+                done |= nxt == self.eos_id
+                if done.all():
+                    break
+                embeds = backbone.get_input_embeddings()(nxt[:, None]).to(feed.inputs_embeds.dtype)
+                feed = self._extend(feed, embeds, torch.ones_like(nxt[:, None]), cache)
+                out = base_forward(backbone, feed, use_cache=True)
+                cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]
+            tokens = torch.stack(steps, 1)
+        answers = []
+        for row in tokens.tolist():
+            answers.append(row[: row.index(self.eos_id)] if self.eos_id in row else row)
+        return answers

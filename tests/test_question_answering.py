@@ -1,0 +1,131 @@
+"""Question answering: SQuAD split and metric, generation with every method, BoolQ via the verbalizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from datamodules.readers import read_split
+from prompt_methods.readout import Feed, base_forward
+from tasks.metrics import normalize_answer, squad
+from tasks.spec import load_task
+from test_methods import METHODS
+
+
+def test_squad_split_by_article(data_dir):
+    spec = load_task("squad")
+    rows = {s: read_split(spec.splits[s], data_dir, s, ["context", "question", "answers"]) for s in spec.splits}
+    assert sum(len(r) for r in rows.values()) == 10570
+    titles = {s: {r["title"] for r in rs} for s, rs in rows.items()}
+    assert (len(titles["train"]), len(titles["validation"]), len(titles["test"])) == (33, 5, 10)
+    assert not (titles["train"] & titles["test"] or titles["train"] & titles["validation"] or titles["validation"] & titles["test"])
+
+
+@pytest.mark.parametrize("pred,golds,em,f1", [
+    ("the Denver Broncos", ["Denver Broncos"], 1.0, 1.0),          # article and case dropped
+    ("Denver Broncos!", ["Denver Broncos", "Broncos"], 1.0, 1.0),  # punctuation dropped
+    ("Broncos of Denver", ["Denver Broncos"], 0.0, 0.8),           # P 2/3, R 2/2 -> 0.8
+    ("Carolina", ["Denver Broncos", "Carolina Panthers"], 0.0, 2 / 3),  # best gold: P 1, R 1/2
+    ("", ["x"], 0.0, 0.0),
+])
+def test_squad_metric_hand_computed(pred, golds, em, f1):
+    out = squad([pred], [golds])
+    assert out["em"] == pytest.approx(em) and out["f1"] == pytest.approx(f1)
+
+
+def test_normalize_answer():
+    assert normalize_answer("  The  Quick, brown fox. ") == "quick brown fox"
+
+
+@pytest.fixture(scope="module")
+def squad_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("squad") / "tiny-squad.json"
+    paragraphs = [{"context": "The film was great and the acting was wonderful.",
+                   "qas": [{"id": f"q{i}", "question": "How was the film?", "answers": [{"text": "great", "answer_start": 13}]}
+                           for i in range(4)]}]
+    path.write_text(json.dumps({"data": [{"title": "t", "paragraphs": paragraphs}]}))
+    return str(path)
+
+
+def make_qa(backbone, squad_file):
+    from datamodules import QuestionAnsweringDataModule
+
+    dm = QuestionAnsweringDataModule(task="squad", backbone=backbone, train_file=squad_file, validation_file=squad_file,
+                                     test_file=squad_file, batch_size=4, eval_batch_size=4, max_length=64)
+    dm.setup()
+    return dm
+
+
+def greedy_without_cache(model, batch, steps: int) -> list[list[int]]:
+    """Reference decoding: rerun the whole prompt plus the tokens so far at every step."""
+    out = []
+    for _ in range(steps):
+        feed = model.feed(batch)
+        if out:
+            ids = torch.tensor(out).t()  # (B, t)
+            embeds = model.backbone.get_input_embeddings()(ids)
+            pos = feed.position_ids[:, -1:] + torch.arange(1, ids.size(1) + 1)
+            feed = Feed(torch.cat([feed.inputs_embeds, embeds], 1),
+                        torch.cat([feed.attention_mask, torch.ones_like(ids)], 1), feed.answer_pos,
+                        torch.cat([feed.position_ids, pos], 1), feed.past_key_values)
+        hidden = base_forward(model.backbone, feed).last_hidden_state[:, -1]
+        out.append(model.backbone.get_output_embeddings()(hidden).argmax(-1).tolist())
+    return [list(col) for col in zip(*out)]
+
+
+@pytest.mark.parametrize("name", ["hard_prompt", "soft_prompt", "prefix_tuning", "p_tuning"])
+def test_generation_with_each_method_matches_uncached(name, tiny, squad_file):
+    cls, kwargs = METHODS[name]
+    backbone = tiny("llama")
+    dm = make_qa(backbone, squad_file)
+    model = cls(backbone=backbone, verbalizer=dm.verbalizer, max_new_tokens=4, **kwargs)
+    model.eval()
+    model.readout.eos_id = -1  # never stop early, so all 4 steps are compared
+    batch = next(iter(dm.val_dataloader()))
+    with torch.no_grad():
+        cached = model.readout.generate(model.backbone, model.feed(batch))
+        reference = greedy_without_cache(model, batch, 4)
+    assert cached == reference
+
+
+@pytest.mark.parametrize("name", ["soft_prompt", "p_tuning", "fine_tuning"])
+def test_generation_seq2seq(name, tiny, squad_file):
+    cls, kwargs = METHODS[name]
+    backbone = tiny("t5")
+    dm = make_qa(backbone, squad_file)
+    model = cls(backbone=backbone, verbalizer=dm.verbalizer, readout="generate", max_new_tokens=3,
+                **{k: v for k, v in kwargs.items()})
+    batch = next(iter(dm.val_dataloader()))
+    loss = model.readout.loss(model.backbone, model.feed(batch), batch["target_ids"], batch["target_mask"])
+    assert torch.isfinite(loss) and loss.requires_grad
+    answers = model.readout.generate(model.backbone, model.feed(batch))
+    assert len(answers) == 4 and all(len(a) <= 3 for a in answers)
+
+
+def test_generative_loss_falls(tiny, squad_file):
+    torch.manual_seed(0)
+    backbone = tiny("llama")
+    dm = make_qa(backbone, squad_file)
+    cls, kwargs = METHODS["soft_prompt"]
+    model = cls(backbone=backbone, verbalizer=dm.verbalizer, **kwargs)
+    model.configure_trainable()
+    batch = next(iter(dm.train_dataloader()))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=model.lr)
+    losses = []
+    for _ in range(30):
+        loss = model.readout.loss(model.backbone, model.feed(batch), batch["target_ids"], batch["target_mask"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_extractive_needs_a_generative_backbone_for_now(tiny, squad_file):
+    from prompt_methods import SoftPrompt
+    from prompt_methods.backbone import BackboneError
+
+    with pytest.raises(BackboneError, match="model.init_args.readout"):
+        SoftPrompt(backbone=tiny("bert"), verbalizer=[], readout="generate")
