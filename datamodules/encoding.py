@@ -27,6 +27,8 @@ class Encoded:
     input_ids: list[int]
     soft_index: list[int]
     answer_pos: int
+    #: for ``offsets_field``: sequence position -> (char start, char end) in that field's original text
+    offsets: dict[int, tuple[int, int]] | None = None
 
 
 def special_affixes(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
@@ -101,13 +103,20 @@ class TemplateTokenizer:
         mask = next((p for p in template.pieces if isinstance(p, Mask)), None)
         return mask.space if mask else ""
 
-    def encode_fields(self, example: dict) -> dict[int, list[int]]:
-        """Tokenize every field occurrence (keyed by piece index), truncated to the budget, longest first."""
-        ids = {}
+    def encode_fields(self, example: dict, offsets_field: str | None = None) -> tuple[dict[int, list[int]], dict]:
+        """Tokenize every field occurrence (keyed by piece index), truncated to the budget, longest first.
+        Also returns char offsets (into the original value) of ``offsets_field``'s tokens, keyed by piece index."""
+        ids, offsets = {}, {}
         for index, piece in enumerate(self._pieces()):
             if isinstance(piece, Field):
-                value = example.get(piece.name)
-                value = "" if value is None else str(value).strip()
+                raw = "" if example.get(piece.name) is None else str(example[piece.name])
+                value = raw.strip()
+                if piece.name == offsets_field and value:
+                    enc = self.tokenizer(piece.space + value, add_special_tokens=False, return_offsets_mapping=True)
+                    shift = len(raw) - len(raw.lstrip()) - len(piece.space)
+                    ids[index] = enc["input_ids"]
+                    offsets[index] = [(a + shift, b + shift) for a, b in enc["offset_mapping"]]
+                    continue
                 ids[index] = self._tok(piece.space + value) if value else []
         total = sum(len(v) for v in ids.values())
         while total > self.budget:
@@ -116,10 +125,11 @@ class TemplateTokenizer:
             cut = min(total - self.budget, max(1, len(ids[longest]) - runner_up))
             ids[longest] = ids[longest][: len(ids[longest]) - cut]
             total -= cut
-        return ids
+        return ids, offsets
 
-    def encode(self, example: dict) -> Encoded:
-        fields = self.encode_fields(example)
+    def encode(self, example: dict, offsets_field: str | None = None) -> Encoded:
+        fields, field_offsets = self.encode_fields(example, offsets_field)
+        offsets = {} if offsets_field else None
         input_ids = list(self.prefix)
         soft_index = [-1] * len(input_ids)
         answer_pos, slot = None, 0
@@ -129,6 +139,8 @@ class TemplateTokenizer:
                 chunk, soft = self._text_ids[id(piece)], None
             elif isinstance(piece, Field):
                 chunk, soft = fields[index], None
+                for k, span in enumerate(field_offsets.get(index, [])[: len(chunk)]):
+                    offsets[len(input_ids) + k] = span
             elif isinstance(piece, Soft):
                 chunk, soft = [pad] * piece.count, list(range(slot, slot + piece.count))
                 slot += piece.count
@@ -141,4 +153,4 @@ class TemplateTokenizer:
         soft_index += [-1] * len(self.suffix)
         if answer_pos is None:
             answer_pos = len(input_ids) - 1 if self.kind == "causal" else 0
-        return Encoded(input_ids, soft_index, answer_pos)
+        return Encoded(input_ids, soft_index, answer_pos, offsets)

@@ -16,8 +16,13 @@ from torch import nn
 from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from prompt_methods.backbone import BackboneError, load_backbone, load_tokenizer
+from prompt_methods.backbone import BackboneError, detect_kind, load_backbone, load_config, load_tokenizer
+
+
+def self_kind(backbone: str, kind: str, trust_remote_code: bool) -> str:
+    return detect_kind(load_config(backbone, trust_remote_code)[1]) if kind == "auto" else kind
 from prompt_methods.generation import Generator
+from prompt_methods.span import SpanHead
 from prompt_methods.readout import ClassificationHead, Feed, build_readout
 from tasks.metrics import METRICS
 
@@ -82,9 +87,9 @@ class PromptModule(L.LightningModule):
         self.save_hyperparameters(ignore=["verbalizer", "labels"])
         self.tune_backbone, self.lr, self.weight_decay, self.warmup_ratio = tune_backbone, lr, weight_decay, warmup_ratio
         self.backbone_dtype, self.attn_implementation = backbone_dtype, attn_implementation
-        if readout == "auto" and not verbalizer:
-            readout = "generate"  # a task with text answers
-        if not verbalizer and readout != "generate":
+        if readout == "auto" and not verbalizer:  # a task with text answers
+            readout = "span" if self_kind(backbone, backbone_kind, trust_remote_code) in ("encoder", "mlm") else "generate"
+        if not verbalizer and readout not in ("generate", "span"):
             raise ValueError("model.init_args.verbalizer is empty: the CLI links it from the data module's label words")
         if backbone_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"model.init_args.backbone_dtype: '{backbone_dtype}' is not auto, float32 or bfloat16")
@@ -98,11 +103,13 @@ class PromptModule(L.LightningModule):
         try:
             if readout == "generate":
                 self.readout = Generator(self.kind, self.tokenizer.eos_token_id, max_new_tokens)
+            elif readout == "span":
+                self.readout = SpanHead(self.hidden_size, max_new_tokens)
             else:
                 self.readout = build_readout(readout, self.kind, self.backbone, verbalizer, length_norm, info)
         except ValueError as err:
             raise BackboneError(f"model.init_args.readout: {err}") from None
-        self.generative = isinstance(self.readout, Generator)
+        self.text_answers = isinstance(self.readout, (Generator, SpanHead))
         self.num_labels = max(1, len(verbalizer))
         if metric not in METRICS:
             raise ValueError(f"model.init_args.metric: '{metric}' is not one of {', '.join(METRICS)}")
@@ -179,7 +186,7 @@ class PromptModule(L.LightningModule):
             embeds = torch.cat([prompt.unsqueeze(0).expand(B, -1, -1), embeds], 1)  # (B, N + T, H)
             mask = torch.cat([mask.new_ones(B, prompt.size(0)), mask], 1)
             answer = answer + prompt.size(0)
-        return Feed(embeds, mask, answer, self.position_ids(mask))
+        return Feed(embeds, mask, answer, self.position_ids(mask), prepended=int(embeds.size(1) - slots.size(1)))
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Label scores (B, C) for a batch."""
@@ -205,19 +212,28 @@ class PromptModule(L.LightningModule):
             logger.log_hyperparams({"trainable_params": trainable, "total_params": total})
         self.print(f"{type(self).__name__}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.4f}%)")
 
-    def _generative_step(self, batch: dict, split: str) -> torch.Tensor:
-        loss = self.readout.loss(self.backbone, self.feed(batch), batch["target_ids"], batch["target_mask"])
+    def answer_texts(self, batch: dict) -> list[str]:
+        """Predicted answer strings: extracted spans or greedy generations."""
+        if isinstance(self.readout, SpanHead):
+            return self.readout.predict(self.backbone, self.feed(batch), batch)
+        ids = self.readout.generate(self.backbone, self.feed(batch))
+        return [a.strip() for a in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    def _text_step(self, batch: dict, split: str) -> torch.Tensor:
+        if isinstance(self.readout, SpanHead):
+            loss = self.readout.loss(self.backbone, self.feed(batch), batch)
+        else:
+            loss = self.readout.loss(self.backbone, self.feed(batch), batch["target_ids"], batch["target_mask"])
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{split} loss is {loss.item()} at global step {self.global_step}")
         self.log(f"{split}/loss", loss, prog_bar=split == "train", batch_size=len(batch["ids"]), sync_dist=split != "train")
         if split in self._outputs:
-            answers = self.tokenizer.batch_decode(self.readout.generate(self.backbone, self.feed(batch)), skip_special_tokens=True)
-            self._outputs[split].append(([a.strip() for a in answers], batch["answers"]))
+            self._outputs[split].append((self.answer_texts(batch), batch["answers"]))
         return loss
 
     def _step(self, batch: dict, split: str) -> torch.Tensor:
-        if self.generative:
-            return self._generative_step(batch, split)
+        if self.text_answers:
+            return self._text_step(batch, split)
         scores = self(batch)
         loss = F.cross_entropy(scores.float(), batch["labels"])
         if not torch.isfinite(loss):
@@ -240,7 +256,7 @@ class PromptModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         score = self._log_task_metric("val")
         if not self.trainer.sanity_checking:
-            if not self.generative:
+            if not self.text_answers:
                 self.val_acc_best(self.metrics["val_acc"].compute())
                 self.log("val/acc_best", self.val_acc_best.compute())
             self.val_score_best(score)
@@ -256,7 +272,7 @@ class PromptModule(L.LightningModule):
         """Score the epoch's predictions with the task metric (gathered over processes); log
         ``<split>/<name>`` for each value and ``<split>/score`` for the first (what checkpoints monitor)."""
         outputs, self._outputs[split] = self._outputs[split], []
-        if self.generative:
+        if self.text_answers:
             preds, golds = [p for ps, _ in outputs for p in ps], [g for _, gs in outputs for g in gs]
             if self.trainer.world_size > 1:
                 gathered = [None] * self.trainer.world_size
@@ -283,9 +299,8 @@ class PromptModule(L.LightningModule):
         return score
 
     def predict_step(self, batch, batch_idx):
-        if self.generative:
-            answers = self.tokenizer.batch_decode(self.readout.generate(self.backbone, self.feed(batch)), skip_special_tokens=True)
-            return {"id": batch["ids"], "answer": [a.strip() for a in answers], "gold": batch.get("answers")}
+        if self.text_answers:
+            return {"id": batch["ids"], "answer": self.answer_texts(batch), "gold": batch.get("answers")}
         probs = self(batch).float().softmax(-1)
         out = {"id": batch["ids"], "pred": probs.argmax(-1).tolist(), "probs": probs.tolist()}
         if "labels" in batch:

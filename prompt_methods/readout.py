@@ -32,6 +32,7 @@ class Feed:
         answer_pos: (B,) index in T where the answer is read.
         position_ids: (B, T) or None for the backbone's default.
         past_key_values: a transformers Cache holding a prefix, or None.
+        prepended: positions put before the batch's tokens (prompt vectors), so T' = prepended + T.
     """
 
     inputs_embeds: torch.Tensor
@@ -39,6 +40,7 @@ class Feed:
     answer_pos: torch.Tensor
     position_ids: torch.Tensor | None = None
     past_key_values: object | None = None
+    prepended: int = 0
 
 
 def base_forward(backbone, feed: Feed, use_cache: bool = False):

@@ -67,6 +67,7 @@ class TaskSpec:
     metric: str = "accuracy"
     answer_type: str = "label"
     max_answer_tokens: int = 24
+    span_field: str = "context"
     splits: dict[str, SplitSource] = field(default_factory=dict)
     validation_size: int = 0
     test_size: int = 0

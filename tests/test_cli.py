@@ -74,7 +74,7 @@ def test_fast_dev_run_every_config(config, tiny, family_files, tmp_path, monkeyp
     key = {"fit": "val/score", "validate": "val/score", "test": "test/score"}[sub]
     assert key in metrics and 0.0 <= float(metrics[key]) <= 1.0
     split = key.split("/")[0]
-    assert (f"{split}/f1" in metrics and f"{split}/em" in metrics) if cli.model.generative else f"{split}/acc" in metrics
+    assert (f"{split}/f1" in metrics and f"{split}/em" in metrics) if cli.model.text_answers else f"{split}/acc" in metrics
     if cli.model.metric == "semeval_f1":
         assert f"{key.split('/')[0]}/macro_f1" in metrics
 

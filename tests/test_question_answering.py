@@ -123,9 +123,39 @@ def test_generative_loss_falls(tiny, squad_file):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
-def test_extractive_needs_a_generative_backbone_for_now(tiny, squad_file):
+def test_generation_needs_a_decoder(tiny):
     from prompt_methods import SoftPrompt
     from prompt_methods.backbone import BackboneError
 
     with pytest.raises(BackboneError, match="model.init_args.readout"):
         SoftPrompt(backbone=tiny("bert"), verbalizer=[], readout="generate")
+
+
+@pytest.mark.parametrize("name,arch", [("soft_prompt", "bert"), ("p_tuning", "bert"), ("prefix_tuning", "bert"),
+                                       ("fine_tuning", "bert"), ("soft_prompt", "minilm")])
+def test_extractive_spans_stay_aligned(name, arch, tiny, squad_file):
+    """Gold spans point at the answer tokens, and with prepended prompt vectors the span head still
+    scores the original positions: the predicted text is cut from the context at the right place."""
+    backbone = "minilm-l6" if arch == "minilm" else tiny("bert")
+    dm = make_qa(backbone, squad_file)
+    batch = next(iter(dm.train_dataloader()))
+    for i in range(len(batch["ids"])):
+        s, e = batch["span_start"][i].item(), batch["span_end"][i].item()
+        offsets = batch["offsets"][i]
+        assert batch["context"][i][offsets[s][0]:offsets[e][1]] == "great"
+    cls, kwargs = METHODS[name]
+    model = cls(backbone=backbone, verbalizer=dm.verbalizer, **kwargs)
+    model.configure_trainable()
+    assert type(model.readout).__name__ == "SpanHead"
+    feed = model.feed(batch)
+    start, end = model.readout.logits(model.backbone, feed, batch["context_mask"])
+    assert start.shape == batch["input_ids"].shape  # prepended positions dropped
+    # overfit the span: the prediction must become the gold text
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05 if name != "fine_tuning" else 1e-3)
+    for _ in range(40):
+        loss = model.readout.loss(model.backbone, model.feed(batch), batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    assert model.answer_texts(batch) == ["great"] * len(batch["ids"])

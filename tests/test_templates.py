@@ -105,7 +105,7 @@ def test_truncation_longest_field_first(tiny):
     tok = AutoTokenizer.from_pretrained(tiny("llama"))
     t = Template.parse("{a} and {b} ? {mask}", ["a", "b"])
     enc = TemplateTokenizer(tok, t, "causal", max_length=20)
-    fields = enc.encode_fields({"a": "great " * 40, "b": "bad"})
+    fields, _ = enc.encode_fields({"a": "great " * 40, "b": "bad"})
     assert len(fields[2]) == len(tok(" bad", add_special_tokens=False)["input_ids"])  # piece 2 is {b}
     assert sum(map(len, fields.values())) == enc.budget
 
