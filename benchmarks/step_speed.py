@@ -5,7 +5,8 @@
 Setups: ``fp32`` (32-true), ``bf16-autocast`` (fp32 weights under bf16 autocast, what plain
 ``bf16-mixed`` does), ``bf16-weights`` (frozen backbone stored in bf16 under autocast: what
 ``backbone_dtype: auto`` picks with ``bf16-mixed``), each with eager or sdpa attention.
-Times the raw module step (forward, backward, AdamW) so the numbers isolate the model.
+Times the raw module step (forward, backward, AdamW) so the numbers isolate the model; "forward"
+is the same loss computed without gradients. ``--task`` picks any task (its DataModule by family).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from datamodules import ClassificationDataModule
+from datamodules import DATAMODULES
+from tasks.spec import load_task
 from prompt_methods import FineTuning, HardPrompt, PrefixTuning, PTuning, SoftPrompt
 
 METHODS = {
@@ -30,7 +32,7 @@ METHODS = {
 }
 
 
-def measure(method: str, setup: str, attn: str, batch: dict, verbalizer, steps: int) -> dict:
+def measure(task: str, method: str, setup: str, attn: str, batch: dict, verbalizer, steps: int) -> dict:
     cls, kwargs = METHODS[method]
     model = cls(backbone="smollm2-135m", verbalizer=verbalizer, **kwargs)
     model.configure_trainable()
@@ -42,16 +44,16 @@ def measure(method: str, setup: str, attn: str, batch: dict, verbalizer, steps: 
 
     def train_step():
         with ctx():
-            loss = torch.nn.functional.cross_entropy(model(batch).float(), batch["labels"])
+            loss = model.loss(batch)[0]
         opt.zero_grad()
         loss.backward()
         opt.step()
 
     def forward():
         with torch.no_grad(), ctx():
-            model(batch)
+            model.loss(batch)
 
-    out = {"method": method, "setup": setup, "attn": attn, "batch": len(batch["labels"]),
+    out = {"task": task, "method": method, "setup": setup, "attn": attn, "batch": len(batch["labels"]),
            "seq_len": int(batch["input_ids"].shape[1])}
     for name, fn in (("train", train_step), ("forward", forward)):
         for _ in range(2):
@@ -68,6 +70,8 @@ def measure(method: str, setup: str, attn: str, batch: dict, verbalizer, steps: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="sst2")
+    parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--setups", nargs="+", default=["fp32", "bf16-autocast", "bf16-weights"])
     parser.add_argument("--attn", nargs="+", default=["eager", "sdpa"])
@@ -77,14 +81,15 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/step_speed.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    dm = ClassificationDataModule(task="sst2", max_train_samples=args.batch_size, batch_size=args.batch_size)
+    dm = DATAMODULES[load_task(args.task).family](task=args.task, max_train_samples=args.batch_size,
+                                                  batch_size=args.batch_size, max_length=args.max_length)
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
     rows = []
     for method in args.methods:
         for setup in args.setups:
             for attn in args.attn:
-                row = measure(method, setup, attn, batch, dm.verbalizer, args.steps)
+                row = measure(args.task, method, setup, attn, batch, dm.verbalizer, args.steps)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -5,4 +5,11 @@ from datamodules.classification import ClassificationDataModule
 from datamodules.question_answering import QuestionAnsweringDataModule
 from datamodules.relation_extraction import RelationExtractionDataModule
 
-__all__ = ["PromptDataModule", "ClassificationDataModule", "RelationExtractionDataModule", "QuestionAnsweringDataModule"]
+#: task family -> DataModule class (a plain lookup for scripts; configs name the class directly)
+DATAMODULES = {
+    "classification": ClassificationDataModule,
+    "relation_extraction": RelationExtractionDataModule,
+    "question_answering": QuestionAnsweringDataModule,
+}
+
+__all__ = ["PromptDataModule", "ClassificationDataModule", "RelationExtractionDataModule", "QuestionAnsweringDataModule", "DATAMODULES"]

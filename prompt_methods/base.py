@@ -219,25 +219,27 @@ class PromptModule(L.LightningModule):
         ids = self.readout.generate(self.backbone, self.feed(batch))
         return [a.strip() for a in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
-    def _text_step(self, batch: dict, split: str) -> torch.Tensor:
+    def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Training loss of a batch, and the label scores (B, C) for label tasks (None for text answers)."""
         if isinstance(self.readout, SpanHead):
-            loss = self.readout.loss(self.backbone, self.feed(batch), batch)
+            loss, scores = self.readout.loss(self.backbone, self.feed(batch), batch), None
+        elif self.text_answers:
+            loss, scores = self.readout.loss(self.backbone, self.feed(batch), batch["target_ids"], batch["target_mask"]), None
         else:
-            loss = self.readout.loss(self.backbone, self.feed(batch), batch["target_ids"], batch["target_mask"])
+            scores = self(batch)
+            loss = F.cross_entropy(scores.float(), batch["labels"])
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"{split} loss is {loss.item()} at global step {self.global_step}")
-        self.log(f"{split}/loss", loss, prog_bar=split == "train", batch_size=len(batch["ids"]), sync_dist=split != "train")
-        if split in self._outputs:
-            self._outputs[split].append((self.answer_texts(batch), batch["answers"]))
-        return loss
+            step = self.global_step if self._trainer is not None else "?"
+            raise FloatingPointError(f"loss is {loss.item()} at global step {step}")
+        return loss, scores
 
     def _step(self, batch: dict, split: str) -> torch.Tensor:
+        loss, scores = self.loss(batch)
         if self.text_answers:
-            return self._text_step(batch, split)
-        scores = self(batch)
-        loss = F.cross_entropy(scores.float(), batch["labels"])
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{split} loss is {loss.item()} at global step {self.global_step}")
+            self.log(f"{split}/loss", loss, prog_bar=split == "train", batch_size=len(batch["ids"]), sync_dist=split != "train")
+            if split in self._outputs:
+                self._outputs[split].append((self.answer_texts(batch), batch["answers"]))
+            return loss
         if split in self._outputs and self.metric != "accuracy":
             self._outputs[split].append((scores.argmax(-1).detach(), batch["labels"]))
         metric = self.metrics[f"{split}_acc"]
