@@ -217,7 +217,8 @@ class PromptModule(L.LightningModule):
         if isinstance(self.readout, SpanHead):
             return self.readout.predict(self.backbone, self.feed(batch), batch)
         ids = self.readout.generate(self.backbone, self.feed(batch))
-        return [a.strip() for a in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        # an answer ends at the end token or the first line break, whichever comes first
+        return [a.strip().split("\n")[0].strip() for a in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Training loss of a batch, and the label scores (B, C) for label tasks (None for text answers)."""
