@@ -118,3 +118,15 @@ def test_frozen_hard_prompt_fit_is_a_clear_error(tiny, family_files, tmp_path, m
     args = ["--config", "configs/sst2/hard_prompt.yaml", *tiny_args(tiny, family_files["sst2"], tmp_path), "--trainer.fast_dev_run", "true"]
     with pytest.raises(ValueError, match="tune_backbone: true"):
         run_cli(args, "fit", monkeypatch)
+
+
+def test_predict_writes_generated_answers(tiny, family_files, tmp_path, monkeypatch):
+    out_file = tmp_path / "answers.jsonl"
+    args = ["--config", "configs/squad/hard_prompt.yaml", *tiny_args(tiny, family_files["squad"], tmp_path),
+            "--model.init_args.max_new_tokens", "3",
+            "--trainer.callbacks+=prompt_methods.callbacks.PredictionWriter",
+            "--trainer.callbacks.output_file", str(out_file)]
+    run_cli(args, "predict", monkeypatch)
+    rows = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [f"q{i}" for i in range(6)]
+    assert all(isinstance(r["answer"], str) and r["gold"] == ["great"] for r in rows)
