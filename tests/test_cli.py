@@ -130,3 +130,19 @@ def test_predict_writes_generated_answers(tiny, family_files, tmp_path, monkeypa
     rows = [json.loads(line) for line in out_file.read_text().splitlines()]
     assert [r["id"] for r in rows] == [f"q{i}" for i in range(6)]
     assert all(isinstance(r["answer"], str) and r["gold"] == ["great"] for r in rows)
+
+
+def test_prompt_checkpoint_is_small_and_reloads(tiny, family_files, tmp_path, monkeypatch):
+    import torch
+
+    args = ["--config", "configs/sst2/soft_prompt.yaml", *tiny_args(tiny, family_files["sst2"], tmp_path),
+            "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"]
+    cli = run_cli(args, "fit", monkeypatch)
+    ckpt = tmp_path / "promptlit" / cli.trainer.logger.version / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert set(state) == {"prompt"}  # no frozen backbone weights
+    trained = cli.model.prompt.detach().clone()
+    tested = run_cli(["--config", "configs/sst2/soft_prompt.yaml", *tiny_args(tiny, family_files["sst2"], tmp_path),
+                      "--ckpt_path", str(ckpt)], "test", monkeypatch)
+    torch.testing.assert_close(tested.model.prompt.detach(), trained)
+    assert "test/acc" in tested.trainer.callback_metrics
