@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.encoding import TemplateTokenizer
 from datamodules.readers import DataError, read_split
-from prompt_methods.backbone import detect_kind, load_config, load_tokenizer
+from prompt_methods.backbone import load_tokenizer, resolve_kind
 from tasks.spec import SplitSource, TaskSpec, load_task
 
 DEFAULT_DATA_DIR = os.environ.get("PROMPTLIT_DATA", "../shared/data")
@@ -100,7 +100,7 @@ class PromptDataModule(L.LightningDataModule):
         if missing:
             raise DataError(f"data.init_args.label_words: no words for label(s) {missing}")
         self.tokenizer = load_tokenizer(backbone)
-        self.kind = detect_kind(load_config(backbone)[1]) if backbone_kind == "auto" else backbone_kind
+        self.kind = resolve_kind(backbone, backbone_kind)
         self.verbalizer = self._tokenize_label_words()
         mask_tokens = max((len(w) for words in self.verbalizer for w in words), default=1)
         self.encoder = TemplateTokenizer(self.tokenizer, self.template, self.kind, max_length, mask_tokens)

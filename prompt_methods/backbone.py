@@ -167,6 +167,11 @@ def load_config(name: str, trust_remote_code: bool = False):
         ) from None
 
 
+def resolve_kind(name: str, kind: str = "auto", trust_remote_code: bool = False) -> str:
+    """A backbone's kind: ``kind`` itself, or read from its config when ``auto``."""
+    return detect_kind(load_config(name, trust_remote_code)[1]) if kind == "auto" else kind
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load the tokenizer of a backbone and make sure it can pad."""
     location, _ = load_config(name, trust_remote_code)

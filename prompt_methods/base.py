@@ -16,11 +16,7 @@ from torch import nn
 from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from prompt_methods.backbone import BackboneError, detect_kind, load_backbone, load_config, load_tokenizer
-
-
-def self_kind(backbone: str, kind: str, trust_remote_code: bool) -> str:
-    return detect_kind(load_config(backbone, trust_remote_code)[1]) if kind == "auto" else kind
+from prompt_methods.backbone import BackboneError, load_backbone, load_tokenizer, resolve_kind
 from prompt_methods.generation import Generator
 from prompt_methods.span import SpanHead
 from prompt_methods.readout import ClassificationHead, Feed, build_readout
@@ -88,7 +84,7 @@ class PromptModule(L.LightningModule):
         self.tune_backbone, self.lr, self.weight_decay, self.warmup_ratio = tune_backbone, lr, weight_decay, warmup_ratio
         self.backbone_dtype, self.attn_implementation = backbone_dtype, attn_implementation
         if readout == "auto" and not verbalizer:  # a task with text answers
-            readout = "span" if self_kind(backbone, backbone_kind, trust_remote_code) in ("encoder", "mlm") else "generate"
+            readout = "span" if resolve_kind(backbone, backbone_kind, trust_remote_code) in ("encoder", "mlm") else "generate"
         if not verbalizer and readout not in ("generate", "span"):
             raise ValueError("model.init_args.verbalizer is empty: the CLI links it from the data module's label words")
         if backbone_dtype not in ("auto", "float32", "bfloat16"):
