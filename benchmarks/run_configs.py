@@ -3,7 +3,7 @@
     python benchmarks/run_configs.py --out benchmarks/results/sst2_methods.json \
         configs/sst2/hard_prompt.yaml:validate configs/sst2/soft_prompt.yaml ...
 
-``config[:subcommand[:--key=value,...]]`` (default ``fit``), e.g.
+``config[:subcommand[:--key=value,...]]`` (default ``fit``; ``fit+test`` also tests the final weights), e.g.
 ``configs/sst2/hard_prompt.yaml:fit:--model.init_args.tune_backbone=true``; arguments after ``--``
 go to every run. Each run is an
 ordinary ``train.py`` run (same CLI, same logging); the JSON gets one row per run, rewritten
@@ -27,9 +27,12 @@ from prompt_methods.callbacks import Throughput, atomic_write_text  # noqa: E402
 
 def run_one(config: str, sub: str, extra: list[str]) -> dict:
     start = time.perf_counter()
-    cli = train.main([sub, "--config", config, *extra])
-    wall = time.perf_counter() - start
+    cli = train.main([sub.split("+")[0], "--config", config, *extra])
     metrics = {k: round(float(v), 4) for k, v in cli.trainer.callback_metrics.items() if v.numel() == 1}
+    if sub == "fit+test":  # the final weights, no checkpoint selection
+        cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+        metrics.update({k: round(float(v), 4) for k, v in cli.trainer.callback_metrics.items() if v.numel() == 1})
+    wall = time.perf_counter() - start
     speed = next((cb.summary() for cb in cli.trainer.callbacks if isinstance(cb, Throughput)), {})
     trainable = sum(p.numel() for p in cli.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in cli.model.parameters())
