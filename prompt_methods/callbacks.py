@@ -8,6 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.cli import SaveConfigCallback
 
@@ -82,11 +83,12 @@ class LoggedSaveConfig(SaveConfigCallback):
 
 
 class Throughput(Callback):
-    """Logs ``train/samples_per_s`` (optimizer steps only, validation excluded) and ``val/samples_per_s``."""
+    """Logs ``train/samples_per_s`` (optimizer steps only, validation excluded), ``val/samples_per_s``
+    and ``test/samples_per_s``."""
 
     def __init__(self):
-        self.seen = {"train": 0, "val": 0}
-        self.seconds = {"train": 0.0, "val": 0.0}
+        self.seen = {"train": 0, "val": 0, "test": 0}
+        self.seconds = {"train": 0.0, "val": 0.0, "test": 0.0}
         self._start = 0.0
 
     def _begin(self, *_):
@@ -98,6 +100,7 @@ class Throughput(Callback):
 
     on_train_batch_start = _begin
     on_validation_batch_start = _begin
+    on_test_batch_start = _begin
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._end("train", trainer, batch)
@@ -108,9 +111,60 @@ class Throughput(Callback):
         if not trainer.sanity_checking:
             self._end("val", trainer, batch)
 
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._end("test", trainer, batch)
+
     def on_validation_epoch_end(self, trainer, pl_module):
         if self.seconds["val"] > 0 and not trainer.sanity_checking:
             pl_module.log("val/samples_per_s", self.seen["val"] / self.seconds["val"])
 
+    def on_test_epoch_end(self, trainer, pl_module):
+        if self.seconds["test"] > 0:
+            pl_module.log("test/samples_per_s", self.seen["test"] / self.seconds["test"])
+
     def summary(self) -> dict:
         return {f"{k}_samples_per_s": self.seen[k] / self.seconds[k] for k in self.seen if self.seconds[k] > 0}
+
+
+def _rss_peak_mb() -> float:
+    """This process's peak resident memory (VmHWM) in MB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class PeakMemory(Callback):
+    """Peak memory from the start of fit (or of a test-only run) on: CUDA allocated memory on a GPU,
+    else the process's peak resident memory, its high-water mark reset at the start (Linux)."""
+
+    def __init__(self):
+        self.peak_mb: float | None = None
+        self._started = False
+
+    def _reset(self, trainer, *_):
+        if self._started:
+            return
+        self._started = True
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        except OSError:
+            pass
+
+    on_fit_start = _reset
+    on_test_start = _reset
+
+    def measure(self, trainer) -> float:
+        if trainer.strategy.root_device.type == "cuda":
+            self.peak_mb = torch.cuda.max_memory_allocated(trainer.strategy.root_device) / 2**20
+        else:
+            self.peak_mb = _rss_peak_mb()
+        return self.peak_mb

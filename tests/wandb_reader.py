@@ -41,10 +41,10 @@ def raw_records(path: Path):
 
 
 def read_run(path: Path) -> dict:
-    """History rows, summary, tags and config of an offline run."""
+    """History rows, summary, tags, config, group and name of an offline run."""
     from wandb.proto import wandb_internal_pb2
 
-    out = {"history": [], "summary": {}, "tags": [], "config": {}}
+    out = {"history": [], "summary": {}, "tags": [], "config": {}, "group": None, "name": None}
     for data in raw_records(path):
         rec = wandb_internal_pb2.Record()
         rec.ParseFromString(data)
@@ -55,6 +55,7 @@ def read_run(path: Path) -> dict:
             out["summary"].update({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.summary.update})
         elif kind == "run":
             out["tags"] += list(rec.run.tags)
+            out["group"], out["name"] = rec.run.run_group or out["group"], rec.run.display_name or out["name"]
             for item in rec.run.config.update:
                 out["config"][item.key] = json.loads(item.value_json)
         elif kind == "config":

@@ -1,0 +1,290 @@
+"""promptlit benchmark: a grid of tasks x methods x seeds at a fixed budget, beside Hugging Face PEFT.
+
+    python benchmark.py --config configs/benchmark/quick.yaml
+
+Every cell is an ordinary ``train.py`` run of ``configs/<task>/<method>.yaml`` with the grid's
+budget written over it (the cell's resolved config is kept in ``<out>/cells/<cell>/config.yaml``);
+PEFT cells swap the model for :class:`prompt_methods.PeftPeer` and keep everything else. Cells run
+one at a time, each in its own process by default; a finished cell leaves ``row.json`` and is
+skipped when the command is run again, so an interrupted benchmark resumes where it stopped.
+After each cell the report is rewritten: ``results.csv``, ``results.json``, ``table.md`` and, with
+matplotlib, ``score_vs_params.png`` and ``throughput.png``; at the end a W&B summary run holds
+the table. Grid keys: see ``configs/benchmark/quick.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent
+# benchmark method name -> (config file under configs/<task>/, subcommand, model overrides)
+METHODS = {
+    "zero_shot": ("hard_prompt", "test", {}),
+    "soft_prompt": ("soft_prompt", "fit", {}),
+    "prefix_tuning": ("prefix_tuning", "fit", {}),
+    "p_tuning": ("p_tuning", "fit", {}),
+    "lm_bff": ("hard_prompt", "fit", {"tune_backbone": True}),
+    "fine_tuning": ("fine_tuning", "fit", {}),
+}
+PEFT_METHODS = ("soft_prompt", "prefix_tuning", "p_tuning")
+PEFT_KEYS = ("num_virtual_tokens", "lr", "weight_decay", "warmup_ratio", "init", "init_text", "encoder",
+             "encoder_hidden", "reparameterize", "mlp_hidden", "backbone", "precision")
+GRID_KEYS = {"name", "backbone", "tasks", "methods", "peft", "seeds", "budget", "precision", "overrides",
+             "configs", "out", "isolate", "keep_checkpoints", "wandb_project"}
+BUDGET_KEYS = {"steps", "batch_size", "few_shot_k", "val_examples", "eval_examples"}
+
+
+class GridError(ValueError):
+    pass
+
+
+def load_grid(path: str) -> dict:
+    """Read and check a grid config; errors name the file and key."""
+    if not Path(path).is_file():
+        raise GridError(f"--config: {path} does not exist")
+    grid = yaml.safe_load(Path(path).read_text()) or {}
+    unknown = set(grid) - GRID_KEYS
+    if unknown:
+        raise GridError(f"{path}: unknown key(s) {sorted(unknown)}; known: {sorted(GRID_KEYS)}")
+    for key in ("name", "tasks", "methods", "seeds"):
+        if not grid.get(key):
+            raise GridError(f"{path}: '{key}' is required")
+    bad = [m for m in grid["methods"] if m not in METHODS]
+    if bad:
+        raise GridError(f"{path}: methods {bad} are not among {list(METHODS)}")
+    bad = [m for m in grid.get("peft") or [] if m not in PEFT_METHODS]
+    if bad:
+        raise GridError(f"{path}: peft {bad} are not among {list(PEFT_METHODS)}")
+    budget = grid.setdefault("budget", {})
+    if set(budget) - BUDGET_KEYS:
+        raise GridError(f"{path}: unknown budget key(s) {sorted(set(budget) - BUDGET_KEYS)}; known: {sorted(BUDGET_KEYS)}")
+    if not isinstance(budget.get("steps"), int) or budget["steps"] < 1:
+        raise GridError(f"{path}: budget.steps must be a positive integer")
+    configs = ROOT / grid.get("configs", "configs")
+    for task in grid["tasks"]:
+        for method in grid["methods"]:
+            if not (configs / task / f"{METHODS[method][0]}.yaml").is_file():
+                raise GridError(f"{path}: no config {configs / task / METHODS[method][0]}.yaml for task '{task}'")
+    grid.setdefault("out", f"outputs/benchmark/{grid['name']}")
+    return grid
+
+
+def text_answers(task: str) -> bool:
+    spec = ROOT / "tasks" / f"{task}.yaml"
+    return spec.is_file() and (yaml.safe_load(spec.read_text()) or {}).get("answer_type") == "text"
+
+
+def cells_of(grid: dict) -> list[dict]:
+    """Every (task, method, impl, seed). PEFT peers run on label-word tasks only (PEFT has no generation loop here)."""
+    cells = []
+    for task in grid["tasks"]:
+        for method in grid["methods"]:
+            peer = method in (grid.get("peft") or []) and not text_answers(task)
+            impls = ["promptlit"] + (["peft"] if peer else [])
+            for impl in impls:
+                for seed in grid["seeds"]:
+                    cells.append({"task": task, "method": method, "impl": impl, "seed": seed,
+                                  "key": f"{task}-{method}-{impl}-s{seed}"})
+    return cells
+
+
+def set_dotted(cfg: dict, key: str, value) -> None:
+    node = cfg
+    *parents, last = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+
+
+def cell_config(grid: dict, cell: dict, cell_dir: Path) -> tuple[dict, str]:
+    """The cell's train.py config: the shipped task/method config with the budget written over it."""
+    base, sub, model_over = METHODS[cell["method"]]
+    cfg = yaml.safe_load((ROOT / grid.get("configs", "configs") / cell["task"] / f"{base}.yaml").read_text())
+    budget = grid["budget"]
+    data = cfg["data"].setdefault("init_args", {})
+    model = cfg["model"].setdefault("init_args", {})
+    eval_bs = int(data.get("eval_batch_size", 32))
+    if budget.get("batch_size"):
+        data["batch_size"] = budget["batch_size"]
+    if budget.get("few_shot_k"):
+        data["few_shot_k"] = budget["few_shot_k"]
+    data["seed"] = cell["seed"]
+    model.update(model_over)
+    if grid.get("backbone"):
+        model["backbone"] = grid["backbone"]
+    if cell["impl"] == "peft":
+        kept = {k: v for k, v in model.items() if k in PEFT_KEYS}
+        if cell["method"] == "prefix_tuning":  # PEFT's prefix has no text init
+            kept = {k: v for k, v in kept.items() if k not in ("init", "init_text")}
+        cfg["model"] = {"class_path": "prompt_methods.PeftPeer", "init_args": {"peft_method": cell["method"], **kept}}
+        if data.get("template"):  # PEFT prepends its tokens: drop the template's {soft} slots
+            data["template"] = re.sub(r"\s*\{soft(:\d+)?\}", "", data["template"]).strip()
+    trainer = cfg.setdefault("trainer", {})
+    trainer.update({
+        "max_steps": budget["steps"], "val_check_interval": budget["steps"], "enable_progress_bar": False,
+        "limit_val_batches": max(1, math.ceil(budget.get("val_examples", 64) / eval_bs)),
+        "limit_test_batches": max(1, math.ceil(budget.get("eval_examples", 256) / eval_bs)),
+        "logger": {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {
+            "project": grid.get("wandb_project", "promptlit"), "save_dir": str(cell_dir), "group": grid["name"],
+            "name": cell["key"], "tags": sorted({grid["name"], cell["task"], cell["method"], cell["impl"]}),
+            "offline": "WANDB_API_KEY" not in os.environ}},
+        "callbacks": [
+            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
+                "dirpath": str(cell_dir / "checkpoints"), "monitor": "val/score", "mode": "max", "save_top_k": 1}},
+            {"class_path": "prompt_methods.callbacks.Throughput"},
+            {"class_path": "prompt_methods.callbacks.PeakMemory"},
+        ],
+    })
+    if grid.get("precision"):
+        trainer["precision"] = grid["precision"]
+    cfg["seed_everything"] = cell["seed"]
+    for key, value in (grid.get("overrides") or {}).items():
+        set_dotted(cfg, key, value)
+    return cfg, sub
+
+
+def run_cell(grid: dict, cell: dict, out: Path) -> dict:
+    """Train and test one cell in this process; return its row."""
+    import torch
+
+    import train
+    from prompt_methods.callbacks import PeakMemory, Throughput, atomic_write_text
+
+    cell_dir = out / "cells" / cell["key"]
+    cfg, sub = cell_config(grid, cell, cell_dir)
+    cfg_path = cell_dir / "config.yaml"
+    atomic_write_text(cfg_path, yaml.safe_dump(cfg, sort_keys=False))
+    start = time.perf_counter()
+    cli = train.main([sub, "--config", str(cfg_path)])
+    trainer = cli.trainer
+    if sub == "fit":  # the final weights, no checkpoint selection
+        trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+    wall = time.perf_counter() - start
+    cb = {type(c).__name__: c for c in trainer.callbacks}
+    speed = cb["Throughput"].summary() if isinstance(cb.get("Throughput"), Throughput) else {}
+    peak = cb["PeakMemory"].measure(trainer) if isinstance(cb.get("PeakMemory"), PeakMemory) else float("nan")
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    ckpts = sorted((cell_dir / "checkpoints").glob("*.ckpt"))
+    ckpt_bytes = ckpts[0].stat().st_size if ckpts else 0
+    if not grid.get("keep_checkpoints", False):
+        for path in ckpts:
+            path.unlink()
+    params = list(cli.model.parameters())
+    row = {
+        "task": cell["task"], "method": cell["method"], "impl": cell["impl"], "seed": cell["seed"],
+        "metric": cli.model.metric, "value": metrics.get("test/score", float("nan")),
+        "trainable_params": sum(p.numel() for p in params if p.requires_grad),
+        "total_params": sum(p.numel() for p in params),
+        "train_samples_per_s": speed.get("train_samples_per_s", float("nan")),
+        "eval_samples_per_s": speed.get("test_samples_per_s", float("nan")),
+        "peak_mem_mb": peak, "wall_s": wall, "checkpoint_bytes": ckpt_bytes,
+        "steps": trainer.global_step, "val_score": metrics.get("val/score", float("nan")),
+        "device": str(trainer.strategy.root_device), "torch": torch.__version__, "cell": cell["key"],
+    }
+    if trainer.logger is not None:
+        trainer.logger.log_metrics({f"bench/{k}": v for k, v in row.items() if isinstance(v, (int, float))})
+        trainer.logger.experiment.finish()
+    del cli, trainer
+    gc.collect()
+    return row
+
+
+def write_row(path: Path, row: dict) -> None:
+    from prompt_methods.callbacks import atomic_write_text
+
+    atomic_write_text(path, json.dumps(row, indent=1))
+
+
+def run_grid(grid: dict, log=print) -> list[dict]:
+    """Run every unfinished cell; return all rows (finished earlier or now)."""
+    from benchmarks.report import write_report
+
+    out = Path(grid["out"])
+    cells = cells_of(grid)
+    done = lambda c: (out / "cells" / c["key"] / "row.json").is_file()  # noqa: E731
+    todo = [c for c in cells if not done(c)]
+    log(f"benchmark {grid['name']}: {len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run -> {out}")
+    times = []
+    for i, cell in enumerate(todo, 1):
+        eta = f", about {sum(times) / len(times) * (len(todo) - i + 1) / 60:.0f} min left" if times else ""
+        log(f"[{i}/{len(todo)}] {cell['key']}{eta}")
+        row_path = out / "cells" / cell["key"] / "row.json"
+        t0 = time.perf_counter()
+        if grid.get("isolate", True):
+            proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--cell", json.dumps(cell),
+                                   "--grid-json", json.dumps(grid)], cwd=ROOT)
+            if proc.returncode != 0 and not row_path.is_file():
+                log(f"  {cell['key']} failed (exit {proc.returncode}); see its log above")
+        else:
+            try:
+                write_row(row_path, run_cell(grid, cell, out))
+            except Exception as err:  # one failed cell does not stop the grid
+                traceback.print_exc()
+                write_row(out / "cells" / cell["key"] / "error.json", {**cell, "error": f"{type(err).__name__}: {err}"})
+                log(f"  {cell['key']} failed: {type(err).__name__}: {err}")
+        times.append(time.perf_counter() - t0)
+        if row_path.is_file():
+            row = json.loads(row_path.read_text())
+            log(f"  {row['metric']} {row['value']:.4f}, {row['train_samples_per_s']:.2f} train samples/s, "
+                f"{row['peak_mem_mb']:.0f} MB peak, {row['wall_s']:.0f} s")
+        write_report(grid, collect(out, cells))
+    rows = collect(out, cells)
+    write_report(grid, rows, summary_run=True)
+    return rows
+
+
+def collect(out: Path, cells: list[dict]) -> list[dict]:
+    rows = []
+    for cell in cells:
+        path = out / "cells" / cell["key"] / "row.json"
+        if path.is_file():
+            rows.append(json.loads(path.read_text()))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict] | None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="grid config, e.g. configs/benchmark/quick.yaml")
+    parser.add_argument("--out", help="output folder (default: the grid's 'out', else outputs/benchmark/<name>)")
+    parser.add_argument("--cell", help=argparse.SUPPRESS)
+    parser.add_argument("--grid-json", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if "WANDB_API_KEY" not in os.environ:
+        os.environ.setdefault("WANDB_MODE", "offline")
+    if args.cell:  # a child process runs one cell
+        grid, cell = json.loads(args.grid_json), json.loads(args.cell)
+        out = Path(grid["out"])
+        try:
+            write_row(out / "cells" / cell["key"] / "row.json", run_cell(grid, cell, out))
+        except Exception as err:
+            write_row(out / "cells" / cell["key"] / "error.json", {**cell, "error": f"{type(err).__name__}: {err}"})
+            raise
+        return None
+    if not args.config:
+        parser.error("--config is required")
+    try:
+        grid = load_grid(args.config)
+    except GridError as err:
+        sys.exit(f"error: {err}")
+    if args.out:
+        grid["out"] = args.out
+    grid["out"] = str(Path(grid["out"]).resolve())
+    grid = copy.deepcopy(grid)
+    return run_grid(grid)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""The benchmark's report: rows -> results.csv / results.json, table.md, plots, W&B summary.
+
+Every file is written atomically, so a report read while a benchmark runs is whole.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from prompt_methods.callbacks import atomic_write_text
+
+COLUMNS = ["task", "method", "impl", "seed", "metric", "value", "trainable_params", "total_params",
+           "train_samples_per_s", "eval_samples_per_s", "peak_mem_mb", "wall_s", "checkpoint_bytes"]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v == v]  # drop NaN
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def _params(n: float) -> str:
+    return f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n:,.0f}"
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One entry per (task, method, impl): mean and std over seeds of every number."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[(row["task"], row["method"], row["impl"])].append(row)
+    out = []
+    for (task, method, impl), group in groups.items():
+        entry = {"task": task, "method": method, "impl": impl, "metric": group[0]["metric"], "seeds": len(group)}
+        for col in ("value", "trainable_params", "train_samples_per_s", "eval_samples_per_s", "peak_mem_mb",
+                    "checkpoint_bytes", "wall_s"):
+            entry[col], entry[col + "_std"] = _mean_std([float(r[col]) for r in group])
+        out.append(entry)
+    return out
+
+
+def peft_ratios(summary: list[dict]) -> list[dict]:
+    """promptlit / PEFT for every (task, method) measured both ways."""
+    by = {(s["task"], s["method"], s["impl"]): s for s in summary}
+    out = []
+    for (task, method, impl), ours in by.items():
+        peer = by.get((task, method, "peft"))
+        if impl != "promptlit" or peer is None:
+            continue
+        out.append({"task": task, "method": method,
+                    "throughput_ratio": ours["train_samples_per_s"] / peer["train_samples_per_s"],
+                    "eval_throughput_ratio": ours["eval_samples_per_s"] / peer["eval_samples_per_s"],
+                    "peak_mem_ratio": ours["peak_mem_mb"] / peer["peak_mem_mb"],
+                    "value_diff": ours["value"] - peer["value"]})
+    return out
+
+
+def markdown(grid: dict, rows: list[dict]) -> str:
+    summary = summarize(rows)
+    budget = grid.get("budget", {})
+    lines = [
+        f"# Benchmark `{grid['name']}`", "",
+        f"Backbone `{grid.get('backbone') or 'per config'}`, precision `{grid.get('precision') or 'per config'}`, "
+        f"{budget.get('steps')} steps x batch {budget.get('batch_size') or 'per config'}"
+        + (f", {budget['few_shot_k']} examples per class" if budget.get("few_shot_k") else "")
+        + f", scored on the first {budget.get('eval_examples', 256)} test examples; seeds {grid['seeds']}. "
+        f"Score = test metric x 100, mean ± std over seeds. {len(rows)} runs.", "",
+        "| task | method | impl | metric | score | trainable | train samples/s | eval samples/s | peak MB | checkpoint |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in sorted(summary, key=lambda s: (s["task"], s["method"], s["impl"])):
+        lines.append(
+            f"| {s['task']} | {s['method']} | {s['impl']} | {s['metric']} | {100 * s['value']:.1f} ± {100 * s['value_std']:.1f} "
+            f"| {_params(s['trainable_params'])} | {s['train_samples_per_s']:.2f} | {s['eval_samples_per_s']:.2f} "
+            f"| {s['peak_mem_mb']:.0f} | {_size(s['checkpoint_bytes'])} |"
+        )
+    ratios = peft_ratios(summary)
+    if ratios:
+        lines += ["", "## promptlit vs PEFT", "",
+                  "| task | method | train throughput (ours/PEFT) | eval throughput (ours/PEFT) | peak memory (ours/PEFT) | score diff (ours − PEFT) |",
+                  "|---|---|---|---|---|---|"]
+        for r in sorted(ratios, key=lambda r: (r["task"], r["method"])):
+            lines.append(f"| {r['task']} | {r['method']} | {r['throughput_ratio']:.2f}x | {r['eval_throughput_ratio']:.2f}x "
+                         f"| {r['peak_mem_ratio']:.2f}x | {100 * r['value_diff']:+.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def plots(rows: list[dict], out: Path) -> list[Path]:
+    """score_vs_params.png (per task, log-x) and throughput.png (per method and impl)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    summary = summarize(rows)
+    tasks = sorted({s["task"] for s in summary})
+    if not tasks:
+        return []
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for s in (s for s in summary if s["task"] == task):
+            x = max(s["trainable_params"], 1)
+            ax.errorbar(x, 100 * s["value"], yerr=100 * s["value_std"], fmt="o" if s["impl"] == "promptlit" else "x",
+                        capsize=3, label=f"{s['method']} ({s['impl']})")
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters (zero-shot at 1)")
+        ax.set_ylabel(f"{next(s['metric'] for s in summary if s['task'] == task)} x 100")
+        ax.set_title(task)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    paths = [_save(fig, out / "score_vs_params.png")]
+    plt.close(fig)
+    trained = [s for s in summary if s["train_samples_per_s"] == s["train_samples_per_s"]]
+    fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(trained)), 3.8))
+    labels = [f"{s['task']}\n{s['method']}\n{s['impl']}" for s in trained]
+    ax.bar(range(len(trained)), [s["train_samples_per_s"] for s in trained],
+           yerr=[s["train_samples_per_s_std"] for s in trained],
+           color=["tab:blue" if s["impl"] == "promptlit" else "tab:orange" for s in trained])
+    ax.set_xticks(range(len(trained)), labels, fontsize=6)
+    ax.set_ylabel("train samples/s")
+    ax.set_title("training throughput (blue: promptlit, orange: PEFT)")
+    fig.tight_layout()
+    paths.append(_save(fig, out / "throughput.png"))
+    plt.close(fig)
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+    return path
+
+
+def wandb_summary(grid: dict, rows: list[dict], out: Path) -> None:
+    """One W&B run in the benchmark's group holding the results and the mean/std table."""
+    import wandb
+
+    run = wandb.init(project=grid.get("wandb_project", "promptlit"), group=grid["name"], name=f"{grid['name']}-summary",
+                     job_type="benchmark-summary", dir=str(out), config={"grid": grid},
+                     mode="offline" if "WANDB_API_KEY" not in os.environ else None, reinit="finish_previous")
+    table = wandb.Table(columns=COLUMNS, data=[[r[c] for c in COLUMNS] for r in rows])
+    summary = summarize(rows)
+    cols = ["task", "method", "impl", "metric", "seeds", "value", "value_std", "train_samples_per_s", "peak_mem_mb"]
+    mean_table = wandb.Table(columns=cols, data=[[s[c] for c in cols] for s in summary])
+    run.log({"results": table, "summary": mean_table})
+    for r in peft_ratios(summary):
+        run.summary[f"{r['task']}/{r['method']}/throughput_vs_peft"] = r["throughput_ratio"]
+    run.finish()
+
+
+def write_report(grid: dict, rows: list[dict], summary_run: bool = False) -> None:
+    out = Path(grid["out"])
+    rows = sorted(rows, key=lambda r: (r["task"], r["method"], r["impl"], r["seed"]))
+    clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows]
+    atomic_write_text(out / "results.json", json.dumps(clean, indent=1))
+    atomic_write_text(out / "results.csv", _csv(rows))
+    atomic_write_text(out / "table.md", markdown(grid, rows))
+    plots(rows, out)
+    if summary_run and rows:
+        wandb_summary(grid, rows, out)

@@ -1,0 +1,113 @@
+"""benchmark.py on a tiny grid: every output is written and well formed, PEFT peers run beside the
+native methods, W&B gets one run per cell in the benchmark's group plus a summary, and a second
+run of the same command resumes (runs nothing already finished)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+import benchmark
+from benchmarks.report import COLUMNS
+from wandb_reader import read_run
+
+pytest.importorskip("peft")
+
+
+@pytest.fixture()
+def grid_file(tiny, family_files, tmp_path):
+    files = family_files["sst2"]
+    grid = {
+        "name": "tinybench", "tasks": ["sst2"], "methods": ["zero_shot", "soft_prompt"], "peft": ["soft_prompt"],
+        "seeds": [1, 2], "precision": "32-true", "isolate": False, "out": str(tmp_path / "bench"),
+        "budget": {"steps": 2, "batch_size": 3, "val_examples": 3, "eval_examples": 6},
+        "overrides": {"model.init_args.backbone": tiny("llama"), "data.init_args.train_file": files["train"],
+                      "data.init_args.validation_file": files["validation"], "data.init_args.test_file": files["test"],
+                      "data.init_args.eval_batch_size": 3},
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def test_tiny_benchmark_outputs_and_resume(grid_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(benchmark.ROOT)
+    out = tmp_path / "bench"
+    rows = benchmark.main(["--config", str(grid_file)])
+    # zero_shot and soft_prompt per seed, plus the PEFT soft prompt per seed
+    assert sorted((r["method"], r["impl"], r["seed"]) for r in rows) == [
+        ("soft_prompt", "peft", 1), ("soft_prompt", "peft", 2), ("soft_prompt", "promptlit", 1),
+        ("soft_prompt", "promptlit", 2), ("zero_shot", "promptlit", 1), ("zero_shot", "promptlit", 2)]
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 6 and list(table[0]) == COLUMNS
+    for row in table:
+        assert 0.0 <= float(row["value"]) <= 1.0 and row["metric"] == "accuracy"
+        assert float(row["peak_mem_mb"]) > 0 and float(row["wall_s"]) > 0 and int(row["total_params"]) > 0
+        assert float(row["eval_samples_per_s"]) > 0
+        if row["method"] == "zero_shot":
+            assert int(row["trainable_params"]) == 0 and int(row["checkpoint_bytes"]) == 0
+        else:
+            assert 0 < int(row["trainable_params"]) < int(row["total_params"])
+            assert float(row["train_samples_per_s"]) > 0 and int(row["checkpoint_bytes"]) > 0
+    # both implementations train the same number of prompt parameters (20 tokens x hidden)
+    trainable = {(r["impl"]): int(r["trainable_params"]) for r in table if r["method"] == "soft_prompt"}
+    assert trainable["promptlit"] == trainable["peft"]
+    md = (out / "table.md").read_text()
+    assert "| sst2 | soft_prompt | peft |" in md and "| sst2 | zero_shot | promptlit |" in md
+    assert "promptlit vs PEFT" in md and "x |" in md
+    for png in ("score_vs_params.png", "throughput.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "results.json").read_text())[0]["task"] == "sst2"
+    # W&B: one run per cell in the benchmark's group, and a summary run with the tables
+    runs = [read_run(p) for p in sorted(out.rglob("run-*.wandb"))]
+    cells = [r for r in runs if r["name"] != "tinybench-summary"]
+    assert len(cells) == 6 and all(r["group"] == "tinybench" for r in runs)
+    assert all("tinybench" in r["tags"] for r in cells)
+    summary = next(r for r in runs if r["name"] == "tinybench-summary")
+    assert summary["summary"]["results/nrows"] == 6 and summary["summary"]["results/ncols"] == len(COLUMNS)
+    assert summary["summary"]["summary/nrows"] == 3  # (zero_shot, promptlit), (soft_prompt, promptlit), (soft_prompt, peft)
+    assert any(k.endswith("throughput_vs_peft") and math.isfinite(v) for k, v in summary["summary"].items())
+    # every cell keeps the config it ran with, a train.py config
+    cfg = yaml.safe_load((out / "cells" / "sst2-soft_prompt-peft-s1" / "config.yaml").read_text())
+    assert cfg["model"]["class_path"] == "prompt_methods.PeftPeer" and cfg["seed_everything"] == 1
+
+    # resume: a finished grid runs nothing; a removed cell is run again, the others are kept
+    before = (out / "cells" / "sst2-zero_shot-promptlit-s1" / "row.json").read_text()
+    (out / "cells" / "sst2-soft_prompt-promptlit-s2" / "row.json").unlink()
+    capsys.readouterr()
+    rows = benchmark.main(["--config", str(grid_file)])
+    log = capsys.readouterr().out
+    assert "5 done, 1 to run" in log and "[1/1] sst2-soft_prompt-promptlit-s2" in log
+    assert len(rows) == 6
+    assert (out / "cells" / "sst2-zero_shot-promptlit-s1" / "row.json").read_text() == before
+
+
+def test_grid_errors_name_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"name": "x", "tasks": ["sst2"], "methods": ["soft_prompt", "magic"], "seeds": [1],
+                                   "budget": {"steps": 1}}))
+    with pytest.raises(benchmark.GridError, match="magic"):
+        benchmark.load_grid(str(bad))
+    bad.write_text(yaml.safe_dump({"name": "x", "tasks": ["sst2"], "methods": ["soft_prompt"], "seeds": [1],
+                                   "budget": {"step": 1}}))
+    with pytest.raises(benchmark.GridError, match="budget"):
+        benchmark.load_grid(str(bad))
+    bad.write_text(yaml.safe_dump({"name": "x", "tasks": ["nosuchtask"], "methods": ["soft_prompt"], "seeds": [1],
+                                   "budget": {"steps": 1}}))
+    with pytest.raises(benchmark.GridError, match="nosuchtask"):
+        benchmark.load_grid(str(bad))
+    with pytest.raises(benchmark.GridError, match="does not exist"):
+        benchmark.load_grid(str(tmp_path / "missing.yaml"))
+
+
+def test_shipped_grids_load():
+    for path in sorted((benchmark.ROOT / "configs" / "benchmark").glob("*.yaml")):
+        grid = benchmark.load_grid(str(path))
+        assert benchmark.cells_of(grid)
+        assert (benchmark.ROOT / path).read_text().startswith("# python benchmark.py --config configs/benchmark/")
