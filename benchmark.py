@@ -266,6 +266,7 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
         os.environ.setdefault("WANDB_MODE", "offline")
     if args.cell:  # a child process runs one cell
         grid, cell = json.loads(args.grid_json), json.loads(args.cell)
+        sys.argv = sys.argv[:1]  # the cell's train.py arguments are passed to the CLI directly
         out = Path(grid["out"])
         try:
             write_row(out / "cells" / cell["key"] / "row.json", run_cell(grid, cell, out))

@@ -4,7 +4,9 @@
 
 Setups: ``fp32`` (32-true), ``bf16-autocast`` (fp32 weights under bf16 autocast, what plain
 ``bf16-mixed`` does), ``bf16-weights`` (frozen backbone stored in bf16 under autocast: what
-``backbone_dtype: auto`` picks with ``bf16-mixed``), each with eager or sdpa attention.
+``backbone_dtype: auto`` picks with ``bf16-mixed``), ``bf16-pure`` (bf16 weights, no autocast: activations stay bf16, method parameters
+fp32 and cast on use), each with eager or sdpa attention. ``--profile N`` prints the N costliest
+operators of a train step (torch.profiler, CPU time).
 Times the raw module step (forward, backward, AdamW) so the numbers isolate the model; "forward"
 is the same loss computed without gradients. ``--task`` picks any task (its DataModule by family).
 """
@@ -32,14 +34,14 @@ METHODS = {
 }
 
 
-def measure(task: str, method: str, setup: str, attn: str, batch: dict, verbalizer, steps: int) -> dict:
+def measure(task: str, method: str, setup: str, attn: str, batch: dict, verbalizer, steps: int, profile: int = 0) -> dict:
     cls, kwargs = METHODS[method]
     model = cls(backbone="smollm2-135m", verbalizer=verbalizer, **kwargs)
     model.configure_trainable()
-    if setup == "bf16-weights" and not model.tune_backbone:
+    if setup in ("bf16-weights", "bf16-pure") and not model.tune_backbone:
         model.backbone.to(torch.bfloat16)
     model.backbone.set_attn_implementation(attn)
-    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if setup != "fp32" else nullcontext
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if setup not in ("fp32", "bf16-pure") else nullcontext
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 
     def train_step():
@@ -65,6 +67,13 @@ def measure(task: str, method: str, setup: str, attn: str, batch: dict, verbaliz
         out[f"{name}_s"] = round(sec, 4)
         out[f"{name}_samples_per_s"] = round(len(batch["labels"]) / sec, 2)
     out["train_over_forward"] = round(out["train_s"] / out["forward_s"], 2)
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            train_step()
+        print(f"--- {method} {setup} {attn}: one train step")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=profile))
     return out
 
 
@@ -78,6 +87,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--profile", type=int, default=0, help="print the N costliest operators of a train step")
     parser.add_argument("--out", default="benchmarks/results/step_speed.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -89,7 +99,7 @@ def main() -> None:
     for method in args.methods:
         for setup in args.setups:
             for attn in args.attn:
-                row = measure(args.task, method, setup, attn, batch, dm.verbalizer, args.steps)
+                row = measure(args.task, method, setup, attn, batch, dm.verbalizer, args.steps, args.profile)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

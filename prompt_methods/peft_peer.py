@@ -110,7 +110,7 @@ class PeftPeer(PromptModule):
         return words.aggregate(scores)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep the prompt only: PEFT's wrapper holds the backbone a second time, under ``peft_model.base_model``."""
+        """Keep the prompt only: PEFT's wrapper holds the backbone (and its word embeddings) a second time."""
         super().on_save_checkpoint(checkpoint)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
-                                    if not k.startswith("peft_model.base_model.")}
+                                    if not k.startswith("peft_model.") or k.startswith("peft_model.prompt_encoder.")}
