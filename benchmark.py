@@ -122,6 +122,7 @@ def cell_config(grid: dict, cell: dict, cell_dir: Path) -> tuple[dict, str]:
     if budget.get("few_shot_k"):
         data["few_shot_k"] = budget["few_shot_k"]
     data["seed"] = cell["seed"]
+    data["max_eval_samples"] = budget.get("eval_examples", 256)  # the first N of the test split
     model.update(model_over)
     if grid.get("backbone"):
         model["backbone"] = grid["backbone"]
@@ -136,7 +137,6 @@ def cell_config(grid: dict, cell: dict, cell_dir: Path) -> tuple[dict, str]:
     trainer.update({
         "max_steps": budget["steps"], "val_check_interval": budget["steps"], "enable_progress_bar": False,
         "limit_val_batches": max(1, math.ceil(budget.get("val_examples", 64) / eval_bs)),
-        "limit_test_batches": max(1, math.ceil(budget.get("eval_examples", 256) / eval_bs)),
         "logger": {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {
             "project": grid.get("wandb_project", "promptlit"), "save_dir": str(cell_dir), "group": grid["name"],
             "name": cell["key"], "tags": sorted({grid["name"], cell["task"], cell["method"], cell["impl"]}),

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/re_qa_grid.json}
 COMMON=(--trainer.logger.init_args.save_dir=outputs/re_qa_grid --trainer.enable_progress_bar=false
         --trainer.max_steps=50 --trainer.val_check_interval=50 --trainer.limit_val_batches=2
-        --data.init_args.batch_size=8)
+        --data.init_args.batch_size=8 --data.init_args.bucket_by_length=false)  # recorded before bucketing existed
 for task in ${TASKS:-semeval fewrel boolq squad}; do
   if [ "$task" = squad ]; then limit=16; else limit=8; fi  # eval batch 16 for SQuAD, 32 elsewhere
   runs=("configs/$task/hard_prompt.yaml:test")

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.encoding import TemplateTokenizer
 from datamodules.readers import DataError, read_split
+from datamodules.sampling import BucketSampler, by_length
 from prompt_methods.backbone import load_tokenizer, resolve_kind
 from tasks.spec import SplitSource, TaskSpec, load_task
 
@@ -46,6 +47,9 @@ class PromptDataModule(L.LightningDataModule):
             defaults to the task's ``validation_size``.
         split_seed: seed of the held-out validation split, fixed so all runs share one validation set.
         seed: seed for few-shot sampling and shuffling.
+        bucket_by_length: draw training batches of similar length (shuffled pools of 50 batches, each
+            sorted by length) and evaluate longest first; less padding, same metrics. ``predict``
+            keeps the file order.
         num_workers: DataLoader workers.
     """
 
@@ -74,6 +78,7 @@ class PromptDataModule(L.LightningDataModule):
         validation_size: int | None = None,
         split_seed: int = 1234,
         seed: int = 42,
+        bucket_by_length: bool = True,
         num_workers: int = 0,
     ):
         super().__init__()
@@ -289,10 +294,15 @@ class PromptDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
             self.setup()
-        size = self.hparams.batch_size if split == "train" else self.hparams.eval_batch_size
-        gen = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(self.datasets[split], batch_size=size, shuffle=shuffle, collate_fn=self.collate,
-                          num_workers=self.hparams.num_workers, generator=gen if shuffle else None)
+        hp = self.hparams
+        size = hp.batch_size if split == "train" else hp.eval_batch_size
+        data = self.datasets[split]
+        kwargs = {"shuffle": shuffle, "generator": torch.Generator().manual_seed(hp.seed) if shuffle else None}
+        if hp.bucket_by_length and split != "predict":
+            lengths = [len(it["input_ids"]) for it in data]
+            order = BucketSampler(lengths, size, hp.seed) if shuffle else by_length(lengths)
+            kwargs = {"sampler": order}
+        return DataLoader(data, batch_size=size, collate_fn=self.collate, num_workers=hp.num_workers, **kwargs)
 
     def train_dataloader(self):
         return self._loader("train", shuffle=True)
