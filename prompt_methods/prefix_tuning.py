@@ -19,6 +19,7 @@ from transformers import DynamicCache
 
 from prompt_methods.backbone import BackboneError
 from prompt_methods.base import PromptModule
+from prompt_methods.peft_format import check_adapter, read_adapter
 from prompt_methods.readout import Feed
 
 
@@ -33,6 +34,7 @@ class PrefixTuning(PromptModule):
             (with the MLP, its last layer starts at zero so the prefix starts exactly there). A random
             prefix can wreck an instruct model's zero-shot ability.
         init_text: the text for ``init: text``, cut or repeated to P tokens.
+        adapter: a PEFT prefix-tuning adapter folder to start from (P then comes from it).
         **kwargs: the rest of :class:`PromptModule`.
 
     Trainable parameters, with L layers, kv width D = 2 * kv_heads * head_dim * L:
@@ -42,7 +44,7 @@ class PrefixTuning(PromptModule):
     method_params = ("prefix",)
 
     def __init__(self, num_virtual_tokens: int = 10, reparameterize: bool = False, mlp_hidden: int = 512,
-                 init: str = "text", init_text: str | None = "Classify the text.", **kwargs):
+                 init: str = "text", init_text: str | None = "Classify the text.", adapter: str | None = None, **kwargs):
         super().__init__(**kwargs)
         if self.kind == "seq2seq" or "past_key_values" not in inspect.signature(self.backbone.base_model.forward).parameters:
             raise BackboneError(
@@ -57,7 +59,15 @@ class PrefixTuning(PromptModule):
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.n_prefix = num_virtual_tokens
         width = 2 * self.n_layers * self.n_kv * self.head_dim  # D: keys and values of every layer
-        start = self._text_kv(init_text) if init == "text" else torch.randn(num_virtual_tokens, width) * 0.02
+        if adapter:  # PEFT's PREFIX_TUNING prompt_embeddings: the same (P, D) layout
+            if reparameterize:
+                raise ValueError("model.init_args.adapter: an imported prefix is its trained keys/values; set reparameterize: false")
+            config, start = read_adapter(adapter)
+            self.n_prefix = num_virtual_tokens = check_adapter(config, start, ("PREFIX_TUNING",), width, self.n_layers)
+        elif init == "text":
+            start = self._text_kv(init_text)
+        else:
+            start = torch.randn(num_virtual_tokens, width) * 0.02
         self.prefix = nn.Module()
         if reparameterize:
             self.prefix.embedding = nn.Parameter(torch.randn(num_virtual_tokens, cfg.hidden_size) * 0.02)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from prompt_methods.base import PromptModule
+from prompt_methods.peft_format import check_adapter, read_adapter
 
 INITS = ("random", "vocab", "text")
 
@@ -23,6 +24,8 @@ class SoftPrompt(PromptModule):
             the 5,000 lowest ids, which BPE vocabularies give to frequent tokens) or ``text``.
         init_text: text whose token embeddings, repeated or cut to N, start the prompt (``init: text``).
         init_seed: seed for ``random`` and ``vocab``.
+        adapter: a PEFT adapter folder (prompt tuning, or P-tuning, whose saved vectors are its encoder's
+            output) to start from, e.g. to evaluate a prompt trained with PEFT; N then comes from it.
         **kwargs: the rest of :class:`PromptModule`.
 
     Trainable parameters: ``num_virtual_tokens * hidden_size``.
@@ -31,8 +34,13 @@ class SoftPrompt(PromptModule):
     method_params = ("prompt",)
 
     def __init__(self, num_virtual_tokens: int = 20, init: str = "vocab", init_text: str | None = None,
-                 init_seed: int = 0, **kwargs):
+                 init_seed: int = 0, adapter: str | None = None, **kwargs):
         super().__init__(**kwargs)
+        if adapter:
+            config, vectors = read_adapter(adapter)
+            check_adapter(config, vectors, ("PROMPT_TUNING", "P_TUNING"), self.hidden_size, None)
+            self.prompt = nn.Parameter(vectors.clone())
+            return
         if num_virtual_tokens < 1:
             raise ValueError("model.init_args.num_virtual_tokens must be at least 1")
         if init not in INITS:

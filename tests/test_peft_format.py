@@ -1,0 +1,127 @@
+"""PEFT adapter folders: a prompt trained here loads into PEFT with the same logits, and a PEFT
+adapter loads here with the same logits (soft prompt, prefix, P-tuning), on a tiny Llama."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from prompt_methods import PrefixTuning, PTuning, SoftPrompt
+from prompt_methods.peft_format import AdapterError, export_adapter
+
+peft = pytest.importorskip("peft")
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+VERB = [[[5]], [[7]]]
+
+
+def batch_of(ids: torch.Tensor) -> dict:
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "soft_index": torch.full_like(ids, -1),
+            "answer_pos": torch.full((ids.size(0),), ids.size(1) - 1)}
+
+
+def our_logits(module, ids: torch.Tensor) -> torch.Tensor:
+    """Logits at the input's own positions (virtual positions dropped)."""
+    feed = module.feed(batch_of(ids))
+    kwargs = dict(inputs_embeds=feed.inputs_embeds, attention_mask=feed.attention_mask, position_ids=feed.position_ids)
+    if feed.past_key_values is not None:
+        kwargs["past_key_values"] = feed.past_key_values
+    with torch.no_grad():
+        return module.backbone(**kwargs).logits[:, -ids.size(1):].float()
+
+
+def peft_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -ids.size(1):].float()
+
+
+def trained(module, seed: int = 0):
+    """Move every method parameter off its init, as training would."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if not name.startswith("backbone."):
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    return module.eval()
+
+
+METHODS = [
+    (SoftPrompt, {"num_virtual_tokens": 4, "init": "random"}, "PROMPT_TUNING"),
+    (PrefixTuning, {"num_virtual_tokens": 3, "init": "random"}, "PREFIX_TUNING"),
+    (PTuning, {"num_virtual_tokens": 4, "encoder": "lstm", "encoder_hidden": 16}, "P_TUNING"),
+    (PTuning, {"num_virtual_tokens": 4, "encoder": "mlp", "encoder_hidden": 16}, "P_TUNING"),
+]
+
+
+@pytest.mark.parametrize("cls,kwargs,peft_type", METHODS)
+def test_export_loads_in_peft_with_same_logits(cls, kwargs, peft_type, tiny, tmp_path):
+    path = tiny("llama")
+    ours = trained(cls(backbone=path, verbalizer=VERB, attn_implementation="eager", **kwargs))
+    ours.backbone.set_attn_implementation("eager")
+    out = export_adapter(ours, tmp_path / "adapter")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == peft_type and config["task_type"] == "CAUSAL_LM"
+    assert config["num_virtual_tokens"] == kwargs["num_virtual_tokens"] and config["num_layers"] == 2
+    base = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    theirs = peft.PeftModel.from_pretrained(base, str(out)).eval()
+    ids = torch.randint(3, 60, (2, 7))
+    a, b = our_logits(ours, ids), peft_logits(theirs, ids)
+    assert a.shape == b.shape
+    diff = (a - b).abs().max().item()
+    assert diff < 1e-4, diff
+
+
+PEFT_CONFIGS = [
+    (lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), SoftPrompt),
+    (lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3), PrefixTuning),
+    (lambda: peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=16), SoftPrompt),
+]
+
+
+@pytest.mark.parametrize("make_config,cls", PEFT_CONFIGS)
+def test_peft_adapter_loads_here_with_same_logits(make_config, cls, tiny, tmp_path):
+    path = tiny("llama")
+    torch.manual_seed(0)
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager"), make_config())
+    trained(model.prompt_encoder, seed=1)  # "trained" with PEFT
+    model.save_pretrained(tmp_path / "peft")
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager"),
+                                            str(tmp_path / "peft")).eval()
+    ours = cls(backbone=path, verbalizer=VERB, adapter=str(tmp_path / "peft")).eval()
+    ours.backbone.set_attn_implementation("eager")
+    ids = torch.randint(3, 60, (2, 6))
+    diff = (our_logits(ours, ids) - peft_logits(theirs, ids)).abs().max().item()
+    assert diff < 1e-4, diff
+
+
+def test_export_refuses_slot_prompts_and_other_methods(tiny, tmp_path):
+    from prompt_methods import FineTuning
+
+    soft = SoftPrompt(backbone=tiny("llama"), verbalizer=VERB, num_virtual_tokens=2)
+    with pytest.raises(AdapterError, match="data.init_args.template"):
+        export_adapter(soft, tmp_path / "a", template="{soft:1} Review: {sentence} {soft:1} {mask}")
+    assert not (tmp_path / "a" / "adapter_model.safetensors").exists()
+    with pytest.raises(AdapterError, match="no PEFT equivalent"):
+        export_adapter(FineTuning(backbone=tiny("llama"), verbalizer=VERB), tmp_path / "b")
+
+
+def test_adapter_errors_name_the_key(tiny, tmp_path):
+    path = tiny("llama")
+    with pytest.raises(AdapterError, match="model.init_args.adapter: .*adapter_config.json"):
+        SoftPrompt(backbone=path, verbalizer=VERB, adapter=str(tmp_path))
+    prefix = trained(PrefixTuning(backbone=path, verbalizer=VERB, num_virtual_tokens=2, init="random"))
+    export_adapter(prefix, tmp_path / "prefix")
+    with pytest.raises(AdapterError, match="PREFIX_TUNING; this method reads PROMPT_TUNING"):
+        SoftPrompt(backbone=path, verbalizer=VERB, adapter=str(tmp_path / "prefix"))
+    soft = trained(SoftPrompt(backbone=path, verbalizer=VERB, num_virtual_tokens=2, init="random"))
+    export_adapter(soft, tmp_path / "soft")
+    (tmp_path / "soft" / "adapter_model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(AdapterError, match="not a readable safetensors file"):
+        SoftPrompt(backbone=path, verbalizer=VERB, adapter=str(tmp_path / "soft"))
+    from safetensors.torch import save_file
+
+    save_file({"prompt_embeddings": torch.zeros(2, soft.hidden_size + 1)}, str(tmp_path / "soft" / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match=r"shape \(2, 33\).*another backbone"):  # another backbone's width
+        SoftPrompt(backbone=path, verbalizer=VERB, adapter=str(tmp_path / "soft"))
