@@ -163,6 +163,10 @@ def run_cell(grid: dict, cell: dict, out: Path) -> dict:
     import train
     from prompt_methods.callbacks import PeakMemory, Throughput, atomic_write_text
 
+    import wandb
+
+    if wandb.run is not None:  # Lightning's WandbLogger would log this cell into a run still open
+        wandb.finish()
     cell_dir = out / "cells" / cell["key"]
     cfg, sub = cell_config(grid, cell, cell_dir)
     cfg_path = cell_dir / "config.yaml"

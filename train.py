@@ -1,13 +1,19 @@
-"""promptlit entry point: ``python train.py fit|validate|test|predict --config configs/<task>/<method>.yaml``."""
+"""promptlit entry point: ``python train.py fit|validate|test|predict --config configs/<task>/<method>.yaml``.
+
+``python train.py export --config <the run's config> --ckpt_path <checkpoint> --out_dir <folder>``
+writes a soft prompt, prefix or P-tuning checkpoint as a Hugging Face PEFT adapter folder.
+"""
 
 from __future__ import annotations
 
 import os
 import re
+import sys
 
 from lightning.pytorch.cli import LightningCLI
 
 from prompt_methods.callbacks import LoggedSaveConfig
+from prompt_methods.checkpointing import CheckpointError, check_checkpoint_file
 
 
 def method_name(class_path: str) -> str:
@@ -25,10 +31,27 @@ class PromptCLI(LightningCLI):
         parser.link_arguments("data.metric", "model.init_args.metric", apply_on="instantiate")
         parser.set_defaults({"trainer.callbacks": [
             {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-             "init_args": {"monitor": "val/score", "mode": "max", "save_last": True, "save_top_k": 1}},
+             "init_args": {"monitor": "val/score", "mode": "max", "save_top_k": 1}},
+            {"class_path": "prompt_methods.callbacks.LastCheckpoint"},
             {"class_path": "prompt_methods.callbacks.PredictionWriter"},
             {"class_path": "prompt_methods.callbacks.Throughput"},
         ]})
+        parser.set_defaults({"trainer.plugins": [{"class_path": "prompt_methods.checkpointing.AtomicCheckpointIO"}]})
+
+    def _parse_ckpt_path(self) -> None:
+        """The config decides the method and backbone; a checkpoint is only checked here.
+
+        LightningCLI would overwrite the model's config with the hyperparameters stored in the
+        checkpoint, silently replacing a method or backbone the user asked for. promptlit instead
+        refuses a checkpoint that does not fit the config (see ``prompt_methods.checkpointing``).
+        """
+        sub = self.config.get("subcommand")
+        path = self.config[sub].get("ckpt_path") if sub else None
+        if path:
+            try:
+                check_checkpoint_file(path)
+            except CheckpointError as err:
+                raise SystemExit(f"error: {err}") from None
 
     def before_instantiate_classes(self) -> None:
         """Tag W&B runs with task and method, and name them after both."""
@@ -54,10 +77,53 @@ def default_trainer() -> dict:
     }
 
 
+def _pop(args: list[str], flag: str) -> str | None:
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+            del args[i:i + 2]
+            return value
+        if arg.startswith(flag + "="):
+            del args[i]
+            return arg.split("=", 1)[1]
+    return None
+
+
+def export(args: list[str]):
+    """Load a checkpoint into the config's method and write it as a PEFT adapter folder."""
+    import torch
+
+    from prompt_methods.peft_format import AdapterError, export_adapter
+
+    args = list(args)
+    ckpt, out_dir = _pop(args, "--ckpt_path"), _pop(args, "--out_dir")
+    if not ckpt or not out_dir:
+        raise SystemExit("error: export needs --ckpt_path <checkpoint> and --out_dir <folder>")
+    try:
+        check_checkpoint_file(ckpt)
+        cli = _cli([*args, "--trainer.logger", "false"], run=False)
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        cli.model.configure_trainable()
+        cli.model.on_load_checkpoint(state)
+        cli.model.load_state_dict(state["state_dict"], strict=False)
+        path = export_adapter(cli.model, out_dir, template=cli.datamodule.template.source)
+    except (CheckpointError, AdapterError) as err:
+        raise SystemExit(f"error: {err}") from None
+    print(f"wrote PEFT adapter {path}/adapter_config.json and adapter_model.safetensors")
+    return path
+
+
 def main(args: list[str] | None = None) -> PromptCLI:
     if "WANDB_API_KEY" not in os.environ:
         os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    given = sys.argv[1:] if args is None else args
+    if given[:1] == ["export"]:
+        return export(given[1:])
+    return _cli(args)
+
+
+def _cli(args: list[str] | None, run: bool = True) -> PromptCLI:
     return PromptCLI(
         model_class=None,
         datamodule_class=None,
@@ -67,6 +133,7 @@ def main(args: list[str] | None = None) -> PromptCLI:
         save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
         trainer_defaults=default_trainer(),
         args=args,
+        run=run,
     )
 
 

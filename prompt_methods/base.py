@@ -17,6 +17,7 @@ from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from prompt_methods.backbone import BackboneError, load_backbone, load_tokenizer, resolve_kind
+from prompt_methods.checkpointing import backbone_fingerprint, check_compatible, trim_state
 from prompt_methods.generation import Generator
 from prompt_methods.span import SpanHead
 from prompt_methods.readout import ClassificationHead, Feed, build_readout
@@ -93,6 +94,7 @@ class PromptModule(L.LightningModule):
         self.tokenizer = load_tokenizer(backbone, trust_remote_code)
         if len(self.tokenizer) > self.backbone.get_input_embeddings().num_embeddings:
             self.backbone.resize_token_embeddings(len(self.tokenizer))  # a pad token was added
+        self.backbone_fingerprint = backbone_fingerprint(self.backbone)  # of the backbone as loaded, before any tuning
         self.verbalizer = verbalizer
         vocab = self.tokenizer.get_vocab()
         info = {"sentinel_id": vocab.get("<extra_id_0>")}
@@ -333,8 +335,8 @@ class PromptModule(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep only trained weights (plus buffers of the method) when the backbone is frozen."""
-        if self.tune_backbone:
-            return
-        trained = {n for n, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("backbone.") or k in trained}
+        """Keep only trained weights when the backbone is frozen; record method and backbone fingerprint."""
+        trim_state(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_compatible(self, checkpoint)

@@ -168,3 +168,38 @@ class PeakMemory(Callback):
         else:
             self.peak_mb = _rss_peak_mb()
         return self.peak_mb
+
+
+class LastCheckpoint(Callback):
+    """Writes ``last.ckpt`` after every validation during fit (and every ``every_n_train_steps`` steps,
+    and at the end), beside the best checkpoint. Lightning's own ``save_last`` refreshes it only when
+    the monitored metric improves, which would make a killed run lose every step since its best one.
+    Writes go through the trainer's checkpoint IO (atomic by default)."""
+
+    def __init__(self, dirpath: str | None = None, every_n_train_steps: int | None = None):
+        self.dirpath, self.every_n_train_steps = dirpath, every_n_train_steps
+        self._saved_step = -1
+
+    def _folder(self, trainer) -> Path:
+        if self.dirpath:
+            return Path(self.dirpath)
+        best = trainer.checkpoint_callback
+        if best is not None and best.dirpath:
+            return Path(best.dirpath)
+        return Path(trainer.default_root_dir) / "checkpoints"
+
+    def save(self, trainer) -> None:
+        if trainer.global_step == self._saved_step or trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        trainer.save_checkpoint(self._folder(trainer) / "last.ckpt")
+        self._saved_step = trainer.global_step
+
+    def on_validation_end(self, trainer, pl_module):
+        self.save(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
+            self.save(trainer)
+
+    def on_train_end(self, trainer, pl_module):
+        self.save(trainer)

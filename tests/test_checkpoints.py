@@ -1,0 +1,122 @@
+"""Prompt-only checkpoints: what they hold, weights-only loading, refusal of another method or
+backbone, corrupt files, atomic writes, exact resume, and export to a PEFT adapter folder."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from prompt_methods.checkpointing import AtomicCheckpointIO, CheckpointError, check_checkpoint_file
+from test_cli import run_cli, tiny_args
+
+SOFT = "configs/sst2/soft_prompt.yaml"
+
+
+def fit(tiny, files, tmp_path, monkeypatch, config=SOFT, steps=2, extra=()):
+    args = ["--config", config, *tiny_args(tiny, files, tmp_path), "--trainer.max_steps", str(steps),
+            "--trainer.val_check_interval", str(min(steps, 2)), *extra]
+    cli = run_cli(args, "fit", monkeypatch)
+    return cli, tmp_path / "promptlit" / cli.trainer.logger.version / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture()
+def soft_ckpt(tiny, family_files, tmp_path, monkeypatch):
+    return fit(tiny, family_files["sst2"], tmp_path, monkeypatch)
+
+
+def test_checkpoint_holds_prompt_state_and_metadata_and_loads_weights_only(soft_ckpt):
+    cli, ckpt = soft_ckpt
+    state = torch.load(ckpt, weights_only=True)  # the whole file, optimizer and loops included
+    assert set(state["state_dict"]) == {"prompt"}
+    assert state["promptlit"]["method"] == "SoftPrompt" and state["promptlit"]["fingerprint"] == cli.model.backbone_fingerprint
+    assert state["optimizer_states"] and state["lr_schedulers"] and state["global_step"] == 2
+    assert ckpt.stat().st_size < 64 * 1024
+
+
+def test_other_method_is_refused(soft_ckpt, tiny, family_files, tmp_path, monkeypatch):
+    _, ckpt = soft_ckpt
+    args = ["--config", "configs/sst2/prefix_tuning.yaml", *tiny_args(tiny, family_files["sst2"], tmp_path), "--ckpt_path", str(ckpt)]
+    with pytest.raises(CheckpointError, match="written by SoftPrompt, but model.class_path is PrefixTuning"):
+        run_cli(args, "test", monkeypatch)
+
+
+def test_other_backbone_is_refused(soft_ckpt, tiny, family_files, tmp_path, monkeypatch):
+    _, ckpt = soft_ckpt
+    other = tmp_path / "other-llama"
+    model = AutoModelForCausalLM.from_pretrained(tiny("llama"))
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(1.5)  # same architecture, other weights
+    model.save_pretrained(other)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (src := tmp_path.parent / name).exists():
+            shutil.copy(src, other)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(tiny("llama")).save_pretrained(other)
+    args = ["--config", SOFT, *tiny_args(tiny, family_files["sst2"], tmp_path), "--model.init_args.backbone", str(other),
+            "--ckpt_path", str(ckpt)]
+    with pytest.raises(CheckpointError, match="trained on backbone .* but model.init_args.backbone is"):
+        run_cli(args, "test", monkeypatch)
+
+
+def test_other_prompt_length_is_refused(soft_ckpt, tiny, family_files, tmp_path, monkeypatch):
+    _, ckpt = soft_ckpt
+    args = ["--config", SOFT, *tiny_args(tiny, family_files["sst2"], tmp_path),
+            "--model.init_args.num_virtual_tokens", "7", "--ckpt_path", str(ckpt)]
+    with pytest.raises(CheckpointError, match=r"'prompt' has shape \(20, 32\) in the checkpoint but \(7, 32\)"):
+        run_cli(args, "test", monkeypatch)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupt_checkpoint_gets_one_line(soft_ckpt, tiny, family_files, tmp_path, monkeypatch, damage):
+    _, ckpt = soft_ckpt
+    bad = tmp_path / "bad.ckpt"
+    data = ckpt.read_bytes()
+    bad.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"not a checkpoint" * 10, "empty": b""}[damage])
+    with pytest.raises(CheckpointError, match=f"ckpt_path: {bad} is not a readable checkpoint"):
+        check_checkpoint_file(bad)
+    args = ["--config", SOFT, *tiny_args(tiny, family_files["sst2"], tmp_path), "--ckpt_path", str(bad)]
+    with pytest.raises(SystemExit, match="error: ckpt_path: .* is not a readable checkpoint"):
+        run_cli(args, "test", monkeypatch)
+    with pytest.raises(SystemExit, match="does not exist"):
+        run_cli(["--config", SOFT, *tiny_args(tiny, family_files["sst2"], tmp_path), "--ckpt_path", str(tmp_path / "nope.ckpt")],
+                "test", monkeypatch)
+
+
+def test_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
+    before = path.read_bytes()
+
+    def dying_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt  # killed mid-write
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+    monkeypatch.undo()
+    assert torch.equal(io.load_checkpoint(path)["state_dict"]["w"], torch.ones(3))
+
+
+def test_export_writes_a_peft_adapter_that_loads_back(soft_ckpt, tiny, family_files, tmp_path, monkeypatch):
+    import train
+    from prompt_methods import SoftPrompt
+
+    cli, ckpt = soft_ckpt
+    monkeypatch.chdir(train.os.path.dirname(train.__file__))
+    out = train.main(["export", "--config", SOFT, *tiny_args(tiny, family_files["sst2"], tmp_path),
+                      "--ckpt_path", str(ckpt), "--out_dir", str(tmp_path / "adapter")])
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    back = SoftPrompt(backbone=tiny("llama"), verbalizer=cli.model.verbalizer, adapter=str(out))
+    torch.testing.assert_close(back.prompt.detach(), cli.model.prompt.detach().float())
+    with pytest.raises(SystemExit, match="written by SoftPrompt, but model.class_path is PTuning"):
+        train.main(["export", "--config", "configs/sst2/p_tuning.yaml", *tiny_args(tiny, family_files["sst2"], tmp_path),
+                    "--ckpt_path", str(ckpt), "--out_dir", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
