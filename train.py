@@ -2,6 +2,9 @@
 
 ``python train.py export --config <the run's config> --ckpt_path <checkpoint> --out_dir <folder>``
 writes a soft prompt, prefix or P-tuning checkpoint as a Hugging Face PEFT adapter folder.
+
+Bad input (templates, data files, backbones, checkpoints) ends with one ``error: <key or file>: ...``
+line; set ``PROMPTLIT_TRACEBACK=1`` to see the traceback.
 """
 
 from __future__ import annotations
@@ -37,6 +40,19 @@ class PromptCLI(LightningCLI):
             {"class_path": "prompt_methods.callbacks.Throughput"},
         ]})
         parser.set_defaults({"trainer.plugins": [{"class_path": "prompt_methods.checkpointing.AtomicCheckpointIO"}]})
+
+    def instantiate_classes(self) -> None:
+        """Surface the error a class raised (it names its config key) instead of jsonargparse's wrapper,
+        which repeats the whole parsed namespace."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, FileNotFoundError) as err:
+            root = err
+            while (root.__cause__ or root.__context__) is not None:
+                root = root.__cause__ or root.__context__
+            if root is not err and re.match(r"^(data|model|trainer|ckpt_path)[.:]", str(root)):
+                raise root from None
+            raise
 
     def _parse_ckpt_path(self) -> None:
         """The config decides the method and backbone; a checkpoint is only checked here.
@@ -138,4 +154,9 @@ def _cli(args: list[str] | None, run: bool = True) -> PromptCLI:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:  # bad input: one line, no traceback
+        if os.environ.get("PROMPTLIT_TRACEBACK"):
+            raise
+        sys.exit(f"error: {err}")

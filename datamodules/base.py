@@ -143,6 +143,11 @@ class PromptDataModule(L.LightningDataModule):
             out.append(words)
         return out
 
+    def _source_of(self, split: str) -> str:
+        """The file (or hub dataset) a split's rows come from; held-out splits come from train."""
+        src = self.spec.splits.get(split) or self.spec.splits.get("train")
+        return (src.file or src.hub) if src else "?"
+
     def label_index(self, row: dict, origin: str) -> int:
         label = str(row["label"])
         try:
@@ -222,7 +227,7 @@ class PromptDataModule(L.LightningDataModule):
             target = self.tokenizer(space + item["answers"][0].strip(), add_special_tokens=False)["input_ids"]
             item["target_ids"] = target[: self.spec.max_answer_tokens - 1] + [self.tokenizer.eos_token_id]
         elif not self.text_answers and (split != "predict" or "label" in row):
-            item["label"] = self.label_index(row, f"{split} split")
+            item["label"] = self.label_index(row, f"{split} split of {self._source_of(split)}")
         return item
 
     @property

@@ -1,0 +1,156 @@
+"""The bad-input table, end to end through ``train.py``: every row gets a clear error naming the
+config key or file at fault (or is handled), and nothing is left half-written.
+
+Checkpoint rows (corrupt file, another method or backbone) are in ``test_checkpoints.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from test_cli import ROOT, run_cli, tiny_args
+
+SOFT = "configs/sst2/soft_prompt.yaml"
+
+
+def nothing_half_written(folder) -> None:
+    """No temporary files anywhere, and every checkpoint there loads."""
+    assert not [p for p in folder.rglob("*") if p.name.endswith(".tmp") or ".tmp." in p.name]
+    for ckpt in folder.rglob("*.ckpt"):
+        torch.load(ckpt, weights_only=True)
+
+
+def fails(args, sub, monkeypatch, tmp_path, error, match):
+    with pytest.raises(error, match=match):
+        run_cli(args, sub, monkeypatch)
+    assert not list(tmp_path.rglob("*.ckpt"))  # it stopped before writing anything
+    nothing_half_written(tmp_path)
+
+
+def base(tiny, files, tmp_path, config=SOFT, backbone=None):
+    args = ["--config", config, *tiny_args(tiny, files, tmp_path), "--trainer.max_steps", "2",
+            "--trainer.val_check_interval", "1"]
+    return args + (["--model.init_args.backbone", backbone] if backbone else [])
+
+
+@pytest.mark.parametrize("template,match", [
+    ("Review: {sentence} {stars} Sentiment: {mask}", r"data.init_args.template: unknown placeholder '\{stars\}'"),
+    ("Review: {sentence} {mask", r"data.init_args.template: unbalanced '\{'"),
+])
+def test_template_with_unknown_field_or_placeholder(template, match, tiny, family_files, tmp_path, monkeypatch):
+    args = base(tiny, family_files["sst2"], tmp_path) + ["--data.init_args.template", template]
+    fails(args, "fit", monkeypatch, tmp_path, ValueError, match)
+
+
+def test_classification_template_without_answer_slot(tiny, family_files, tmp_path, monkeypatch):
+    args = base(tiny, family_files["sst2"], tmp_path) + ["--data.init_args.template", "Review: {sentence} Sentiment:"]
+    fails(args, "fit", monkeypatch, tmp_path, ValueError, r"data.init_args.template: .*\{mask\}")
+
+
+def test_label_missing_from_verbalizer(tiny, family_files, tmp_path, monkeypatch):
+    bad = tmp_path / "train.tsv"
+    bad.write_text("sentence\tlabel\ngood film\t1\nmeh\t7\n")
+    args = base(tiny, family_files["sst2"], tmp_path) + ["--data.init_args.train_file", str(bad)]
+    fails(args, "fit", monkeypatch, tmp_path, ValueError, rf"train split of {bad} \(train-1\): label '7' is not in data.init_args.label_words")
+
+
+def test_empty_or_whitespace_text_is_handled(tiny, family_files, tmp_path, monkeypatch):
+    rows = tmp_path / "blank.tsv"
+    rows.write_text("sentence\tlabel\n\t1\n   \t0\nfine\t1\n")
+    out = tmp_path / "pred.jsonl"
+    args = base(tiny, family_files["sst2"], tmp_path) + ["--data.init_args.predict_file", str(rows),
+                                                         "--trainer.callbacks+=prompt_methods.callbacks.PredictionWriter",
+                                                         "--trainer.callbacks.output_file", str(out)]
+    run_cli(args, "predict", monkeypatch)
+    preds = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(preds) == 3 and all(abs(sum(p["probs"].values()) - 1) < 1e-4 for p in preds)
+
+
+@pytest.mark.parametrize("content,match", [
+    (None, "not found"),
+    ("", "is empty"),
+    ('{"sentence": "ok", "label": "1"}\n{"sentence": "cut off", "label": \n', r"train.jsonl:2: not valid JSON"),
+    ('{"text": "ok", "stars": "1"}\n', r"train.jsonl.*missing column"),
+])
+def test_missing_empty_or_malformed_data_file(content, match, tiny, family_files, tmp_path, monkeypatch):
+    path = tmp_path / "train.jsonl"
+    if content is not None:
+        path.write_text(content)
+    args = base(tiny, family_files["sst2"], tmp_path) + ["--data.init_args.train_file", str(path)]
+    fails(args, "fit", monkeypatch, tmp_path, ValueError, match)
+
+
+def test_max_length_shorter_than_template(tiny, family_files, tmp_path, monkeypatch):
+    args = base(tiny, family_files["sst2"], tmp_path) + ["--data.init_args.max_length", "3"]
+    fails(args, "fit", monkeypatch, tmp_path, ValueError, "data.init_args.max_length")
+
+
+def test_lm_head_method_on_encoder_only_backbone(tiny, family_files, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    enc = tmp_path / "encoder"
+    BertModel(BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=64)).save_pretrained(enc)
+    AutoTokenizer.from_pretrained(tiny("bert")).save_pretrained(enc)
+    args = base(tiny, family_files["sst2"], tmp_path, backbone=str(enc)) + ["--model.init_args.readout", "label_words"]
+    fails(args, "fit", monkeypatch, tmp_path, ValueError, "model.init_args.readout: label_words needs a backbone with an LM head")
+
+
+def test_prefix_tuning_on_backbone_without_cache(tiny, family_files, tmp_path, monkeypatch):
+    args = base(tiny, family_files["sst2"], tmp_path, "configs/sst2/prefix_tuning.yaml", backbone=tiny("t5"))
+    fails(args, "fit", monkeypatch, tmp_path, ValueError, "model.class_path: PrefixTuning needs .* key/value cache")
+
+
+def test_tokenizer_without_pad_token_is_handled(tiny, family_files, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "nopad"
+    shutil.copytree(tiny("llama"), folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.pad_token = None
+    tok.save_pretrained(folder)
+    cli = run_cli(base(tiny, family_files["sst2"], tmp_path, backbone=str(folder)), "fit", monkeypatch)
+    assert cli.trainer.global_step == 2 and cli.model.tokenizer.pad_token_id is not None
+
+
+class PoisonAt(Callback):
+    """Makes the prompt NaN before a given step: what a diverging run looks like."""
+
+    def __init__(self, step: int = 3):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step - 1:
+            with torch.no_grad():
+                pl_module.prompt.fill_(float("nan"))
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny, family_files, tmp_path, monkeypatch):
+    args = base(tiny, family_files["sst2"], tmp_path) + ["--trainer.max_steps", "5",
+                                                         "--trainer.callbacks+=test_bad_input.PoisonAt"]
+    with pytest.raises(FloatingPointError, match="loss is nan at global step 2"):
+        run_cli(args, "fit", monkeypatch)
+    nothing_half_written(tmp_path)
+    last = torch.load(next(tmp_path.rglob("last.ckpt")), weights_only=True)
+    assert last["global_step"] == 2 and torch.isfinite(last["state_dict"]["prompt"]).all()
+
+
+def test_unknown_backbone_alias_or_path(tiny, family_files, tmp_path, monkeypatch):
+    args = base(tiny, family_files["sst2"], tmp_path, backbone="no-such-model-here")
+    fails(args, "fit", monkeypatch, tmp_path, ValueError, "model.init_args.backbone: 'no-such-model-here'")
+
+
+def test_command_line_shows_one_line_not_a_traceback(tiny, family_files, tmp_path):
+    proc = subprocess.run([sys.executable, "train.py", "fit", *base(tiny, family_files["sst2"], tmp_path),
+                           "--data.init_args.template", "Review: {sentence} {stars} {mask}"],
+                          cwd=ROOT, capture_output=True, text=True, env={**__import__("os").environ, "WANDB_MODE": "offline"})
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: data.init_args.template: unknown placeholder")
