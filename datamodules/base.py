@@ -305,7 +305,9 @@ class PromptDataModule(L.LightningDataModule):
         kwargs = {"shuffle": shuffle, "generator": torch.Generator().manual_seed(hp.seed) if shuffle else None}
         if hp.bucket_by_length and split != "predict":
             lengths = [len(it["input_ids"]) for it in data]
-            order = BucketSampler(lengths, size, hp.seed) if shuffle else by_length(lengths)
+            trainer = getattr(self, "trainer", None)
+            world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+            order = BucketSampler(lengths, size, hp.seed, num_replicas=world, rank=rank) if shuffle else by_length(lengths)
             kwargs = {"sampler": order}
         return DataLoader(data, batch_size=size, collate_fn=self.collate, num_workers=hp.num_workers, **kwargs)
 

@@ -31,12 +31,19 @@ def test_bucket_sampler_is_seeded_and_changes_per_epoch():
     lengths = list(range(200))
     a, b = BucketSampler(lengths, 4, seed=3), BucketSampler(lengths, 4, seed=3)
     first = list(a)
-    assert first == list(b)  # same seed, same order
-    assert list(a) != first  # next epoch, new order
-    second = list(b)  # b's second epoch
-    c = BucketSampler(lengths, 4, seed=3)
-    c.set_epoch(1)  # what Lightning's distributed wrapper calls
-    assert list(c) == second
+    assert first == list(b) == list(a)  # same seed and epoch, same order
+    a.set_epoch(1)  # what Lightning calls every epoch
+    assert list(a) != first and sorted(a) == sorted(first)
+
+
+def test_bucket_sampler_shards_global_batches_across_processes():
+    lengths = [(i * 37) % 50 for i in range(23)]
+    whole = list(BucketSampler(lengths, 4, seed=5))  # one process, batch 4
+    shards = [list(BucketSampler(lengths, 2, seed=5, num_replicas=2, rank=r)) for r in (0, 1)]  # 2 x batch 2
+    assert len(shards[0]) == len(shards[1]) == 12  # padded to equal length
+    for k in range(5):  # each step's global batch is the single process's batch
+        step = shards[0][2 * k:2 * k + 2] + shards[1][2 * k:2 * k + 2]
+        assert sorted(step) == sorted(whole[4 * k:4 * k + 4])
 
 
 def test_eval_order_longest_first():
