@@ -189,7 +189,8 @@ class LastCheckpoint(Callback):
         return Path(trainer.default_root_dir) / "checkpoints"
 
     def save(self, trainer) -> None:
-        if trainer.global_step == self._saved_step or trainer.sanity_checking or trainer.state.fn != "fit":
+        if (trainer.global_step == self._saved_step or trainer.sanity_checking or trainer.state.fn != "fit"
+                or trainer.fast_dev_run):  # Lightning writes no checkpoints in a fast_dev_run either
             return
         trainer.save_checkpoint(self._folder(trainer) / "last.ckpt")
         self._saved_step = trainer.global_step
