@@ -140,6 +140,9 @@ def main(args: list[str] | None = None) -> PromptCLI:
 
 
 def _cli(args: list[str] | None, run: bool = True) -> PromptCLI:
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:  # a run left open in this process (a notebook, a failed
+        wandb.finish()  # run): WandbLogger would log this run into it
     return PromptCLI(
         model_class=None,
         datamodule_class=None,
