@@ -15,7 +15,6 @@ the table. Grid keys: see ``configs/benchmark/quick.yaml``.
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import math
@@ -287,7 +286,6 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
     if args.out:
         grid["out"] = args.out
     grid["out"] = str(Path(grid["out"]).resolve())
-    grid = copy.deepcopy(grid)
     return run_grid(grid)
 
 

@@ -117,5 +117,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
-        check_checkpoint_file(path)
-        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        """One weights-only load; a failure becomes the same one-line error as the CLI's check."""
+        if not Path(path).is_file():
+            raise CheckpointError(f"ckpt_path: {path} does not exist")
+        try:
+            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        except Exception as err:
+            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"ckpt_path: {path} is not a readable checkpoint (truncated, corrupt or not a torch file): {reason}") from None
