@@ -5,7 +5,8 @@
 Setups: ``fp32`` (32-true), ``bf16-autocast`` (fp32 weights under bf16 autocast, what plain
 ``bf16-mixed`` does), ``bf16-weights`` (frozen backbone stored in bf16 under autocast: what
 ``backbone_dtype: auto`` picks with ``bf16-mixed``), ``bf16-pure`` (bf16 weights, no autocast: activations stay bf16, method parameters
-fp32 and cast on use), each with eager or sdpa attention. ``--profile N`` prints the N costliest
+fp32 and cast on use), each with eager or sdpa attention; ``--compile`` compiles each layer first
+(``model.init_args.compile``; ``train_first_s`` then includes the compile). ``--profile N`` prints the N costliest
 operators of a train step (torch.profiler, CPU time).
 Times the raw module step (forward, backward, AdamW) so the numbers isolate the model; "forward"
 is the same loss computed without gradients. ``--task`` picks any task (its DataModule by family).
@@ -23,7 +24,7 @@ import torch
 
 from datamodules import DATAMODULES
 from tasks.spec import load_task
-from prompt_methods import FineTuning, HardPrompt, PrefixTuning, PTuning, SoftPrompt
+from prompt_methods import FineTuning, HardPrompt, PrefixTuning, PTuning, SoftPrompt, runtime
 
 METHODS = {
     "soft_prompt": (SoftPrompt, {"num_virtual_tokens": 20}),
@@ -34,13 +35,16 @@ METHODS = {
 }
 
 
-def measure(task: str, method: str, setup: str, attn: str, batch: dict, verbalizer, steps: int, profile: int = 0) -> dict:
+def measure(task: str, method: str, setup: str, attn: str, batch: dict, verbalizer, steps: int, profile: int = 0,
+            compile_layers: bool = False) -> dict:
     cls, kwargs = METHODS[method]
     model = cls(backbone="smollm2-135m", verbalizer=verbalizer, **kwargs)
     model.configure_trainable()
     if setup in ("bf16-weights", "bf16-pure") and not model.tune_backbone:
         model.backbone.to(torch.bfloat16)
     model.backbone.set_attn_implementation(attn)
+    if compile_layers:
+        runtime.compile_blocks(model.backbone)
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if setup not in ("fp32", "bf16-pure") else nullcontext
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 
@@ -55,17 +59,20 @@ def measure(task: str, method: str, setup: str, attn: str, batch: dict, verbaliz
         with torch.no_grad(), ctx():
             model.loss(batch)
 
-    out = {"task": task, "method": method, "setup": setup, "attn": attn, "batch": len(batch["labels"]),
+    size = len(batch["ids"])
+    out = {"task": task, "method": method, "setup": setup, "attn": attn, "compile": compile_layers, "batch": size,
            "seq_len": int(batch["input_ids"].shape[1])}
     for name, fn in (("train", train_step), ("forward", forward)):
-        for _ in range(2):
-            fn()
+        start = time.perf_counter()
+        fn()  # the first call compiles, when compiling
+        out[f"{name}_first_s"] = round(time.perf_counter() - start, 2)
+        fn()
         start = time.perf_counter()
         for _ in range(steps):
             fn()
         sec = (time.perf_counter() - start) / steps
         out[f"{name}_s"] = round(sec, 4)
-        out[f"{name}_samples_per_s"] = round(len(batch["labels"]) / sec, 2)
+        out[f"{name}_samples_per_s"] = round(size / sec, 2)
     out["train_over_forward"] = round(out["train_s"] / out["forward_s"], 2)
     if profile:
         from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -87,6 +94,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="torch.compile each layer (model.init_args.compile)")
     parser.add_argument("--profile", type=int, default=0, help="print the N costliest operators of a train step")
     parser.add_argument("--out", default="benchmarks/results/step_speed.json")
     args = parser.parse_args()
@@ -99,7 +107,7 @@ def main() -> None:
     for method in args.methods:
         for setup in args.setups:
             for attn in args.attn:
-                row = measure(args.task, method, setup, attn, batch, dm.verbalizer, args.steps, args.profile)
+                row = measure(args.task, method, setup, attn, batch, dm.verbalizer, args.steps, args.profile, args.compile)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

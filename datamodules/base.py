@@ -12,8 +12,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.encoding import TemplateTokenizer
-from datamodules.readers import DataError, read_split
+from datamodules.collate import pad_batch
+from datamodules.encoding import TemplateTokenizer, answer_span, generation_target, tokenize_label_words
+from datamodules.readers import DataError, read_label_words, read_split
 from datamodules.sampling import BucketSampler, by_length
 from prompt_methods.backbone import load_tokenizer, resolve_kind
 from tasks.spec import SplitSource, TaskSpec, load_task
@@ -97,7 +98,7 @@ class PromptDataModule(L.LightningDataModule):
         self.template = self.spec.parsed_template(template).require_mask()
         self.text_answers = self.spec.answer_type == "text"
         if not self.spec.label_words and self.spec.label_words_file:
-            self.spec.label_words = self._read_label_words(Path(data_dir) / self.spec.label_words_file)
+            self.spec.label_words = read_label_words(Path(data_dir) / self.spec.label_words_file)
         self.labels = self.spec.labels or sorted(self.spec.label_words)
         missing = [lab for lab in self.labels if not self.spec.label_words.get(lab)]
         if not self.labels and not self.text_answers:
@@ -106,7 +107,7 @@ class PromptDataModule(L.LightningDataModule):
             raise DataError(f"data.init_args.label_words: no words for label(s) {missing}")
         self.tokenizer = load_tokenizer(backbone)
         self.kind = resolve_kind(backbone, backbone_kind)
-        self.verbalizer = self._tokenize_label_words()
+        self.verbalizer = tokenize_label_words(self.tokenizer, self.template, self.labels, self.spec.label_words)
         mask_tokens = max((len(w) for words in self.verbalizer for w in words), default=1)
         self.encoder = TemplateTokenizer(self.tokenizer, self.template, self.kind, max_length, mask_tokens)
         self.datasets: dict[str, list[dict]] = {}
@@ -120,29 +121,6 @@ class PromptDataModule(L.LightningDataModule):
         return self.spec.max_answer_tokens
 
     # ------------------------------------------------------------------ labels
-    def _read_label_words(self, path: Path) -> dict[str, list[str]]:
-        """A JSON object label -> name or [name, description, ...]; the name is the label word."""
-        import json
-
-        if not path.is_file():
-            raise DataError(f"label_words_file not found: {path}")
-        raw = json.loads(path.read_text())
-        return {str(k): [v if isinstance(v, str) else v[0]] for k, v in raw.items()}
-
-    def _tokenize_label_words(self) -> list[list[list[int]]]:
-        """Token ids of every word of every label, tokenized as they follow the template's ``{mask}``."""
-        space = TemplateTokenizer.mask_space(self.template)
-        out = []
-        for label in self.labels:
-            words = []
-            for word in self.spec.label_words[label]:
-                ids = self.tokenizer(space + word.strip(), add_special_tokens=False)["input_ids"]
-                if not ids:
-                    raise DataError(f"data.init_args.label_words: word {word!r} of label {label!r} tokenizes to nothing")
-                words.append(ids)
-            out.append(words)
-        return out
-
     def _source_of(self, split: str) -> str:
         """The file (or hub dataset) a split's rows come from; held-out splits come from train."""
         src = self.spec.splits.get(split) or self.spec.splits.get("train")
@@ -217,15 +195,17 @@ class PromptDataModule(L.LightningDataModule):
         return splits
 
     def encode_row(self, row: dict, split: str) -> dict:
-        enc = self.encoder.encode(row)
+        """Tokenize one row into an item: prompt ids, ``{soft}`` slot indices, the answer position, and
+        its answer: a label index, target ids to generate, or a token span (encoder backbones)."""
+        span_field = self.spec.span_field if self.text_answers and self.extractive else None
+        enc = self.encoder.encode(row, offsets_field=span_field)
         item = {"id": str(row["id"]), "input_ids": enc.input_ids, "soft_index": enc.soft_index, "answer_pos": enc.answer_pos}
-        if self.text_answers and self.extractive:
-            return self._encode_span(row, item)
-        if self.text_answers and row.get("answers"):
+        if span_field:
+            item.update(answer_span(enc, row, span_field))
+        elif self.text_answers and row.get("answers"):
             item["answers"] = [str(a) for a in row["answers"]]
             space = TemplateTokenizer.mask_space(self.template) if self.kind == "causal" else ""
-            target = self.tokenizer(space + item["answers"][0].strip(), add_special_tokens=False)["input_ids"]
-            item["target_ids"] = target[: self.spec.max_answer_tokens - 1] + [self.tokenizer.eos_token_id]
+            item["target_ids"] = generation_target(self.tokenizer, item["answers"][0], space, self.spec.max_answer_tokens)
         elif not self.text_answers and (split != "predict" or "label" in row):
             item["label"] = self.label_index(row, f"{split} split of {self._source_of(split)}")
         return item
@@ -235,22 +215,6 @@ class PromptDataModule(L.LightningDataModule):
         """Text answers are extracted as spans by encoder backbones, generated by the others."""
         return self.kind in ("encoder", "mlm")
 
-    def _encode_span(self, row: dict, item: dict) -> dict:
-        """Token span of the first gold answer inside ``span_field`` (position 0 if truncated away)."""
-        field = self.spec.span_field
-        enc = self.encoder.encode(row, offsets_field=field)
-        item.update(input_ids=enc.input_ids, soft_index=enc.soft_index, answer_pos=enc.answer_pos)
-        item["offsets"], item["context"] = enc.offsets, str(row[field])
-        item["answers"] = [str(a) for a in row.get("answers") or []]
-        start = end = 0
-        if item["answers"] and row.get("answer_starts"):
-            a, b = row["answer_starts"][0], row["answer_starts"][0] + len(item["answers"][0])
-            inside = [p for p, (x, y) in enc.offsets.items() if x < b and y > a]
-            if inside:
-                start, end = min(inside), max(inside)
-        item["span"] = (start, end)
-        return item
-
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
@@ -259,42 +223,8 @@ class PromptDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ batches
     def collate(self, items: list[dict]) -> dict:
-        """Pad to the longest item: on the left for causal backbones (answer at the last position)."""
-        pad_id = self.tokenizer.pad_token_id
-        length = max(len(it["input_ids"]) for it in items)
-        left = self.kind == "causal"
-        batch = {k: torch.full((len(items), length), v, dtype=torch.long) for k, v in (("input_ids", pad_id), ("soft_index", -1), ("attention_mask", 0))}
-        answer = []
-        for i, it in enumerate(items):
-            n = len(it["input_ids"])
-            sl = slice(length - n, length) if left else slice(0, n)
-            batch["input_ids"][i, sl] = torch.tensor(it["input_ids"])
-            batch["soft_index"][i, sl] = torch.tensor(it["soft_index"])
-            batch["attention_mask"][i, sl] = 1
-            answer.append(it["answer_pos"] + (length - n if left else 0))
-        batch["answer_pos"] = torch.tensor(answer)
-        if all("label" in it for it in items):
-            batch["labels"] = torch.tensor([it["label"] for it in items])
-        if all("span" in it for it in items):  # extractive answers (right padding: positions unchanged)
-            batch["span_start"] = torch.tensor([it["span"][0] for it in items])
-            batch["span_end"] = torch.tensor([it["span"][1] for it in items])
-            batch["context_mask"] = torch.zeros((len(items), length), dtype=torch.bool)
-            for i, it in enumerate(items):
-                batch["context_mask"][i, list(it["offsets"])] = True
-                batch["context_mask"][i, 0] = True  # position 0: "no answer in the kept text"
-            batch["offsets"] = [it["offsets"] for it in items]
-            batch["context"] = [it["context"] for it in items]
-            batch["answers"] = [it["answers"] for it in items]
-        if all("target_ids" in it for it in items):  # answers to generate: padded on the right
-            width = max(len(it["target_ids"]) for it in items)
-            batch["target_ids"] = torch.full((len(items), width), pad_id, dtype=torch.long)
-            batch["target_mask"] = torch.zeros((len(items), width), dtype=torch.long)
-            for i, it in enumerate(items):
-                batch["target_ids"][i, : len(it["target_ids"])] = torch.tensor(it["target_ids"])
-                batch["target_mask"][i, : len(it["target_ids"])] = 1
-            batch["answers"] = [it["answers"] for it in items]
-        batch["ids"] = [it["id"] for it in items]
-        return batch
+        """Pad a list of encoded items into a batch (:func:`datamodules.collate.pad_batch`)."""
+        return pad_batch(items, self.tokenizer.pad_token_id, left=self.kind == "causal")
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:

@@ -154,3 +154,41 @@ class TemplateTokenizer:
         if answer_pos is None:
             answer_pos = len(input_ids) - 1 if self.kind == "causal" else 0
         return Encoded(input_ids, soft_index, answer_pos, offsets)
+
+
+def answer_span(enc: Encoded, row: dict, field: str) -> dict:
+    """An extractive answer's item fields: the token span (start, end) of the first gold answer
+    inside ``field`` (position 0 when truncation cut it away), plus the offsets, the field's text
+    and all gold answers. ``enc`` must come from ``encode(row, offsets_field=field)``."""
+    answers = [str(a) for a in row.get("answers") or []]
+    start = end = 0
+    if answers and row.get("answer_starts"):
+        a, b = row["answer_starts"][0], row["answer_starts"][0] + len(answers[0])
+        inside = [p for p, (x, y) in enc.offsets.items() if x < b and y > a]
+        if inside:
+            start, end = min(inside), max(inside)
+    return {"offsets": enc.offsets, "context": str(row[field]), "answers": answers, "span": (start, end)}
+
+
+def generation_target(tokenizer: PreTrainedTokenizerBase, answer: str, space: str, max_tokens: int) -> list[int]:
+    """Token ids a generated answer is trained on: the answer (after ``space``, as it follows the
+    prompt), cut to ``max_tokens - 1`` tokens, then the end token."""
+    ids = tokenizer(space + answer.strip(), add_special_tokens=False)["input_ids"]
+    return ids[: max_tokens - 1] + [tokenizer.eos_token_id]
+
+
+def tokenize_label_words(tokenizer: PreTrainedTokenizerBase, template: Template, labels: list[str],
+                         label_words: dict[str, list[str]]) -> list[list[list[int]]]:
+    """Token ids of every word of every label (in ``labels`` order), tokenized as they follow the
+    template's ``{mask}`` (with its leading space, if any)."""
+    space = TemplateTokenizer.mask_space(template)
+    out = []
+    for label in labels:
+        words = []
+        for word in label_words[label]:
+            ids = tokenizer(space + word.strip(), add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise TemplateError(f"data.init_args.label_words: word {word!r} of label {label!r} tokenizes to nothing")
+            words.append(ids)
+        out.append(words)
+    return out

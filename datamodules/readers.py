@@ -230,3 +230,12 @@ def read_split(src: SplitSource, data_dir: str | Path, split: str, required: lis
     if missing:
         raise DataError(f"{origin}: missing column(s) {missing}; found {sorted(out[0])}. Map them with 'rename'.")
     return out
+
+
+def read_label_words(path: Path) -> dict[str, list[str]]:
+    """A task's ``label_words_file``: a JSON object label -> name or [name, description, ...]
+    (FewRel's ``pid2name.json``); the name is the label word."""
+    if not path.is_file():
+        raise DataError(f"label_words_file not found: {path}")
+    raw = json.loads(path.read_text())
+    return {str(k): [v if isinstance(v, str) else v[0]] for k, v in raw.items()}

@@ -7,8 +7,6 @@ checkpoint keeps. A method changes only how the backbone is fed, by overriding
 
 from __future__ import annotations
 
-import math
-
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -16,23 +14,15 @@ from torch import nn
 from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from prompt_methods import runtime
 from prompt_methods.backbone import BackboneError, load_backbone, load_tokenizer, resolve_kind
 from prompt_methods.checkpointing import backbone_fingerprint, check_compatible, trim_state
 from prompt_methods.generation import Generator
+from prompt_methods.optim import adamw_with_schedule, count_params, freeze_except
 from prompt_methods.span import SpanHead
 from prompt_methods.readout import ClassificationHead, Feed, build_readout
+from prompt_methods.scoring import log_epoch_metric
 from tasks.metrics import METRICS
-
-
-def freeze_except(module: nn.Module, trainable: set[str]) -> None:
-    """Freeze every parameter of ``module`` whose name does not start with one of ``trainable``."""
-    for name, param in module.named_parameters():
-        param.requires_grad_(any(name == t or name.startswith(t + ".") for t in trainable))
-
-
-def count_params(module: nn.Module) -> tuple[int, int]:
-    params = list(module.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 class PromptModule(L.LightningModule):
@@ -57,6 +47,8 @@ class PromptModule(L.LightningModule):
         attn_implementation: ``auto`` (eager on CPU, sdpa on GPU), ``eager`` or ``sdpa``.
         trust_remote_code: allow model code from the hub; off unless set.
         max_new_tokens: the longest generated answer (tasks with text answers).
+        compile: ``torch.compile`` each transformer layer (regional, dynamic shapes) at setup. Pays off
+            on long runs only: the first steps wait for the compile (``benchmarks/step_speed.py --compile``).
     """
 
     #: parameter-name prefixes the method trains (besides the readout head)
@@ -79,17 +71,19 @@ class PromptModule(L.LightningModule):
         attn_implementation: str = "auto",
         trust_remote_code: bool = False,
         max_new_tokens: int = 24,
+        compile: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["verbalizer", "labels"])
         self.tune_backbone, self.lr, self.weight_decay, self.warmup_ratio = tune_backbone, lr, weight_decay, warmup_ratio
         self.backbone_dtype, self.attn_implementation = backbone_dtype, attn_implementation
+        self.compile_blocks, self._compiled = compile, 0
         if readout == "auto" and not verbalizer:  # a task with text answers
             readout = "span" if resolve_kind(backbone, backbone_kind, trust_remote_code) in ("encoder", "mlm") else "generate"
         if not verbalizer and readout not in ("generate", "span"):
             raise ValueError("model.init_args.verbalizer is empty: the CLI links it from the data module's label words")
-        if backbone_dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"model.init_args.backbone_dtype: '{backbone_dtype}' is not auto, float32 or bfloat16")
+        runtime.backbone_dtype(backbone_dtype, "32", tune_backbone)  # a bad setting fails here, not in setup
+        runtime.attention(attn_implementation, "cpu")
         self.backbone, self.kind = load_backbone(backbone, backbone_kind, trust_remote_code)
         self.tokenizer = load_tokenizer(backbone, trust_remote_code)
         if len(self.tokenizer) > self.backbone.get_input_embeddings().num_embeddings:
@@ -194,14 +188,12 @@ class PromptModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         self.configure_trainable()
         precision = str(getattr(self.trainer, "precision", "32")) if self._trainer is not None else "32"
-        dtype = self.backbone_dtype
-        if dtype == "bfloat16" or (dtype == "auto" and precision.startswith("bf16") and not self.tune_backbone):
-            self.backbone.to(torch.bfloat16)
-        attn = self.attn_implementation
-        if attn == "auto":
-            attn = "eager" if self.device.type == "cpu" and self._trainer and self.trainer.strategy.root_device.type == "cpu" else "sdpa"
+        self.backbone.to(runtime.backbone_dtype(self.backbone_dtype, precision, self.tune_backbone))
+        device = self.trainer.strategy.root_device.type if self._trainer is not None else self.device.type
         if hasattr(self.backbone, "set_attn_implementation"):
-            self.backbone.set_attn_implementation(attn)
+            self.backbone.set_attn_implementation(runtime.attention(self.attn_implementation, device))
+        if self.compile_blocks and not self._compiled:
+            self._compiled = runtime.compile_blocks(self.backbone)
 
     def on_fit_start(self) -> None:
         trainable, total = count_params(self)
@@ -270,34 +262,8 @@ class PromptModule(L.LightningModule):
         self._log_task_metric("test")
 
     def _log_task_metric(self, split: str) -> torch.Tensor:
-        """Score the epoch's predictions with the task metric (gathered over processes); log
-        ``<split>/<name>`` for each value and ``<split>/score`` for the first (what checkpoints monitor)."""
         outputs, self._outputs[split] = self._outputs[split], []
-        if self.text_answers:
-            preds, golds = [p for ps, _ in outputs for p in ps], [g for _, gs in outputs for g in gs]
-            if self.trainer.world_size > 1:
-                gathered = [None] * self.trainer.world_size
-                torch.distributed.all_gather_object(gathered, (preds, golds))
-                preds, golds = [p for ps, _ in gathered for p in ps], [g for _, gs in gathered for g in gs]
-            values = METRICS[self.metric](preds, golds) if preds else {"em": 0.0, "f1": 0.0}
-            for name, value in values.items():
-                self.log(f"{split}/{name}", value)
-            score = torch.tensor(values.get("f1", next(iter(values.values()))))
-            self.log(f"{split}/score", score)
-            return score
-        if self.metric == "accuracy" or not outputs:
-            score = self.metrics[f"{split}_acc"].compute()
-            self.log(f"{split}/score", score)
-            return score
-        preds = self.all_gather(torch.cat([p for p, _ in outputs])).flatten().tolist()
-        golds = self.all_gather(torch.cat([g for _, g in outputs])).flatten().tolist()
-        values = METRICS[self.metric]([self.labels[i] for i in preds], [self.labels[i] for i in golds])
-        for name, value in values.items():
-            if name != "acc":
-                self.log(f"{split}/{name}", value, rank_zero_only=True)
-        score = torch.tensor(next(iter(values.values())))
-        self.log(f"{split}/score", score, rank_zero_only=True)
-        return score
+        return log_epoch_metric(self, split, outputs)
 
     def predict_step(self, batch, batch_idx):
         if self.text_answers:
@@ -310,28 +276,7 @@ class PromptModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optim
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-        if not decay and not no_decay:
-            raise ValueError(
-                f"{type(self).__name__} has nothing to train with a frozen backbone: run `validate`/`test` for "
-                "zero-shot, or set model.init_args.tune_backbone: true"
-            )
-        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        self.print(f"optimizer groups: {sum(p.numel() for p in decay):,} params with decay, {sum(p.numel() for p in no_decay):,} without")
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(self.warmup_ratio * total)
-
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            return max(0.0, (total - step) / max(1, total - warmup))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_with_schedule(self, self.lr, self.weight_decay, self.warmup_ratio, self.trainer.estimated_stepping_batches)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

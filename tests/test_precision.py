@@ -25,3 +25,46 @@ def test_bf16_mixed_fit(name, arch, tiny, make_data):
     for n, p in model.named_parameters():
         if p.requires_grad and not n.startswith("backbone."):
             assert p.dtype == torch.float32, n
+
+
+def test_runtime_settings_are_checked_when_the_module_is_built(tiny, make_data):
+    from prompt_methods import SoftPrompt
+
+    dm = make_data(tiny("llama"))
+    with pytest.raises(ValueError, match="model.init_args.attn_implementation: 'flash'"):
+        SoftPrompt(backbone=tiny("llama"), verbalizer=dm.verbalizer, attn_implementation="flash")
+    with pytest.raises(ValueError, match="model.init_args.backbone_dtype: 'fp16'"):
+        SoftPrompt(backbone=tiny("llama"), verbalizer=dm.verbalizer, backbone_dtype="fp16")
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_layers_match_eager(backend, tiny, make_data, monkeypatch):
+    """``compile: true`` compiles each transformer layer once (dynamic shapes): same loss and prompt
+    gradient as the uncompiled module, on two batches of different lengths. ``aot_eager`` checks the
+    captured forward and backward graphs; ``inductor`` (the default backend) also its generated code."""
+    from prompt_methods import SoftPrompt, runtime
+
+    monkeypatch.setattr(runtime, "COMPILE_BACKEND", backend)
+
+    backbone = tiny("llama")
+    dm = make_data(backbone, batch_size=3)
+    batches = [b for _, b in zip(range(2), dm.train_dataloader())]
+    assert batches[0]["input_ids"].shape[1] != batches[1]["input_ids"].shape[1]
+    results = []
+    for compile_layers in (False, True):
+        model = SoftPrompt(backbone=backbone, verbalizer=dm.verbalizer, num_virtual_tokens=4, compile=compile_layers)
+        model.setup("fit")
+        assert model._compiled == (2 if compile_layers else 0)
+        out = []
+        for batch in batches:
+            model.prompt.grad = None
+            loss = model.loss(batch)[0]
+            loss.backward()
+            out.append((loss.detach(), model.prompt.grad.clone()))
+        results.append(out)
+    for (loss_a, grad_a), (loss_b, grad_b) in zip(*results):
+        torch.testing.assert_close(loss_b, loss_a, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(grad_b, grad_a, rtol=1e-3, atol=1e-5)
+    assert runtime.repeated_blocks(torch.nn.Linear(2, 2)) is None
+    with pytest.raises(ValueError, match="model.init_args.compile"):
+        runtime.compile_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))

@@ -1,0 +1,47 @@
+"""What trains and how: freezing by parameter name, and the optimizer every method shares (AdamW
+over the trainable parameters, with linear warm-up and linear decay to zero over the run's steps)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def freeze_except(module: nn.Module, trainable: set[str]) -> None:
+    """Freeze every parameter of ``module`` whose name does not start with one of ``trainable``."""
+    for name, param in module.named_parameters():
+        param.requires_grad_(any(name == t or name.startswith(t + ".") for t in trainable))
+
+
+def count_params(module: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    params = list(module.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def adamw_with_schedule(module: nn.Module, lr: float, weight_decay: float, warmup_ratio: float, total_steps: int) -> dict:
+    """Lightning's ``configure_optimizers`` answer for ``module``: matrices decay, vectors and norms do not.
+
+    Raises ``ValueError`` when nothing trains (a frozen backbone and a method without parameters).
+    """
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError(
+            f"{type(module).__name__} has nothing to train with a frozen backbone: run `validate`/`test` for "
+            "zero-shot, or set model.init_args.tune_backbone: true"
+        )
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    total = max(1, int(total_steps))
+    warmup = int(warmup_ratio * total)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

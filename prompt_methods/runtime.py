@@ -1,0 +1,60 @@
+"""How a backbone runs on the trainer's device: weight dtype, attention kernel, and optional
+regional ``torch.compile``. Chosen in ``setup`` once the trainer's precision and device are known.
+
+Defaults (measured on a 2-core AMX CPU with SmolLM2-135M, ``benchmarks/step_speed.py``):
+a frozen backbone's weights are stored in bf16 under ``bf16-mixed`` (no per-step weight casts;
+method parameters stay fp32), and attention is ``eager`` on CPU, where the CPU flash-attention
+backward of ``sdpa`` is slow, and ``sdpa`` elsewhere. Compilation is off by default: it pays only
+for runs long enough to amortize the compile.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+ATTENTION = ("auto", "eager", "sdpa")
+#: the ``torch.compile`` backend for ``compile: true``
+COMPILE_BACKEND = "inductor"
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def backbone_dtype(setting: str, precision: str, tune_backbone: bool) -> torch.dtype:
+    """The weight dtype of the backbone: bf16 when asked, or (``auto``) when the trainer runs bf16
+    and the backbone is frozen; fp32 otherwise (a tuned backbone keeps fp32 master weights)."""
+    if setting not in DTYPES:
+        raise ValueError(f"model.init_args.backbone_dtype: '{setting}' is not auto, float32 or bfloat16")
+    if setting == "bfloat16" or (setting == "auto" and precision.startswith("bf16") and not tune_backbone):
+        return torch.bfloat16
+    return torch.float32
+
+
+def attention(setting: str, device_type: str) -> str:
+    """The attention implementation: ``auto`` is eager on CPU, sdpa on accelerators."""
+    if setting not in ATTENTION:
+        raise ValueError(f"model.init_args.attn_implementation: '{setting}' is not one of {', '.join(ATTENTION)}")
+    if setting == "auto":
+        return "eager" if device_type == "cpu" else "sdpa"
+    return setting
+
+
+def repeated_blocks(backbone: nn.Module) -> nn.ModuleList | None:
+    """The backbone's stack of transformer layers: its longest ``ModuleList`` of modules of one class."""
+    best = None
+    for module in backbone.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1:
+            if best is None or len(module) > len(best):
+                best = module
+    return best
+
+
+def compile_blocks(backbone: nn.Module) -> int:
+    """Compile each transformer layer in place (regional compilation: the layers share one compiled
+    graph, so the compile costs about one layer's, not the whole model's). Sequence lengths vary
+    between batches, so shapes are dynamic. Returns the number of layers compiled."""
+    blocks = repeated_blocks(backbone)
+    if blocks is None:
+        raise ValueError("model.init_args.compile: the backbone has no stack of repeated layers to compile")
+    for block in blocks:
+        block.compile(dynamic=True, backend=COMPILE_BACKEND)
+    return len(blocks)

@@ -1,0 +1,44 @@
+"""Task metrics over a whole validation or test epoch (SemEval macro-F1, SQuAD EM/F1), gathered
+across processes. Accuracy is a torchmetrics metric in the module; these need every prediction."""
+
+from __future__ import annotations
+
+import torch
+import lightning as L
+
+from tasks.metrics import METRICS
+
+
+def log_epoch_metric(module: L.LightningModule, split: str, outputs: list[tuple]) -> torch.Tensor:
+    """Score an epoch's ``(predictions, golds)`` batches with ``module.metric`` and log
+    ``<split>/<name>`` for each value and ``<split>/score`` for the main one (what checkpoints monitor).
+
+    Text answers are strings (gathered as objects); label predictions are index tensors (gathered as
+    tensors and mapped to ``module.labels``). Accuracy tasks keep no outputs and use ``<split>_acc``.
+    """
+    if module.text_answers:
+        preds, golds = [p for ps, _ in outputs for p in ps], [g for _, gs in outputs for g in gs]
+        world = module.trainer.world_size
+        if world > 1:
+            gathered = [None] * world
+            torch.distributed.all_gather_object(gathered, (preds, golds))
+            preds, golds = [p for ps, _ in gathered for p in ps], [g for _, gs in gathered for g in gs]
+        values = METRICS[module.metric](preds, golds) if preds else {"em": 0.0, "f1": 0.0}
+        for name, value in values.items():
+            module.log(f"{split}/{name}", value)
+        score = torch.tensor(values.get("f1", next(iter(values.values()))))
+        module.log(f"{split}/score", score)
+        return score
+    if module.metric == "accuracy" or not outputs:
+        score = module.metrics[f"{split}_acc"].compute()
+        module.log(f"{split}/score", score)
+        return score
+    preds = module.all_gather(torch.cat([p for p, _ in outputs])).flatten().tolist()
+    golds = module.all_gather(torch.cat([g for _, g in outputs])).flatten().tolist()
+    values = METRICS[module.metric]([module.labels[i] for i in preds], [module.labels[i] for i in golds])
+    for name, value in values.items():
+        if name != "acc":
+            module.log(f"{split}/{name}", value, rank_zero_only=True)
+    score = torch.tensor(next(iter(values.values())))
+    module.log(f"{split}/score", score, rank_zero_only=True)
+    return score
