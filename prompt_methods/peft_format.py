@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from prompt_methods.callbacks import atomic_write_text
 
-PEFT_TYPES = {"SoftPrompt": "PROMPT_TUNING", "PTuning": "P_TUNING", "PrefixTuning": "PREFIX_TUNING"}
+PEFT_TYPE_OF = {"SoftPrompt": "PROMPT_TUNING", "PTuning": "P_TUNING", "PrefixTuning": "PREFIX_TUNING"}
 
 
 class AdapterError(ValueError):
@@ -38,12 +38,12 @@ def _text_config(backbone):
 def adapter_config(module) -> dict:
     """The ``adapter_config.json`` PEFT writes for this method on this backbone."""
     name = type(module).__name__
-    if name not in PEFT_TYPES:
-        raise AdapterError(f"model.class_path: {name} has no PEFT equivalent; export covers {', '.join(PEFT_TYPES)}")
+    if name not in PEFT_TYPE_OF:
+        raise AdapterError(f"model.class_path: {name} has no PEFT equivalent; export covers {', '.join(PEFT_TYPE_OF)}")
     cfg = _text_config(module.backbone)
     n_virtual = int(prompt_embeddings(module).size(0))
     out = {
-        "peft_type": PEFT_TYPES[name],
+        "peft_type": PEFT_TYPE_OF[name],
         "task_type": {"causal": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}.get(module.kind, "FEATURE_EXTRACTION"),
         "num_virtual_tokens": n_virtual,
         "token_dim": cfg.hidden_size,
@@ -79,7 +79,7 @@ def prompt_embeddings(module) -> torch.Tensor:
     elif name == "PrefixTuning":
         vectors = module.prefix_kv()
     else:
-        raise AdapterError(f"model.class_path: {name} has no PEFT equivalent; export covers {', '.join(PEFT_TYPES)}")
+        raise AdapterError(f"model.class_path: {name} has no PEFT equivalent; export covers {', '.join(PEFT_TYPE_OF)}")
     return vectors.detach().float().cpu().contiguous()
 
 

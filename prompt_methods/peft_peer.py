@@ -21,7 +21,7 @@ from prompt_methods.backbone import resolve
 from prompt_methods.base import PromptModule
 from prompt_methods.readout import CausalLabelWords
 
-PEFT_TYPES = ("soft_prompt", "prefix_tuning", "p_tuning")
+PEER_METHODS = ("soft_prompt", "prefix_tuning", "p_tuning")
 
 
 def peft_config(method: str, num_virtual_tokens: int, init: str, init_text: str | None, tokenizer_path: str,
@@ -48,7 +48,7 @@ def peft_config(method: str, num_virtual_tokens: int, init: str, init_text: str 
             raise ValueError(f"model.init_args.encoder: '{encoder}' is not lstm or mlp")
         return peft.PromptEncoderConfig(task_type=task, num_virtual_tokens=num_virtual_tokens,
                                         encoder_reparameterization_type=kind, encoder_hidden_size=encoder_hidden)
-    raise ValueError(f"model.init_args.peft_method: '{method}' is not one of {', '.join(PEFT_TYPES)}")
+    raise ValueError(f"model.init_args.peft_method: '{method}' is not one of {', '.join(PEER_METHODS)}")
 
 
 class PeftPeer(PromptModule):

@@ -23,7 +23,8 @@ class SoftPrompt(PromptModule):
         init: ``random`` (normal, scaled like the embeddings), ``vocab`` (embeddings of tokens sampled from
             the 5,000 lowest ids, which BPE vocabularies give to frequent tokens) or ``text``.
         init_text: text whose token embeddings, repeated or cut to N, start the prompt (``init: text``).
-        init_seed: seed for ``random`` and ``vocab``.
+        init_seed: seed for ``random`` and ``vocab``; by default the run's seed (``seed_everything``),
+            so runs with different seeds start from different prompts.
         adapter: a PEFT adapter folder (prompt tuning, or P-tuning, whose saved vectors are its encoder's
             output) to start from, e.g. to evaluate a prompt trained with PEFT; N then comes from it.
         **kwargs: the rest of :class:`PromptModule`.
@@ -34,7 +35,7 @@ class SoftPrompt(PromptModule):
     method_params = ("prompt",)
 
     def __init__(self, num_virtual_tokens: int = 20, init: str = "vocab", init_text: str | None = None,
-                 init_seed: int = 0, adapter: str | None = None, **kwargs):
+                 init_seed: int | None = None, adapter: str | None = None, **kwargs):
         super().__init__(**kwargs)
         if adapter:
             config, vectors = read_adapter(adapter)
@@ -48,7 +49,7 @@ class SoftPrompt(PromptModule):
         if init == "text" and not init_text:
             raise ValueError("model.init_args.init_text is required with init: text")
         table = self.backbone.get_input_embeddings().weight.detach().float()  # (V, H)
-        gen = torch.Generator().manual_seed(init_seed)
+        gen = torch.Generator().manual_seed(torch.initial_seed() if init_seed is None else init_seed)
         if init == "random":
             vectors = torch.randn(num_virtual_tokens, table.size(1), generator=gen) * table.std()
         elif init == "vocab":

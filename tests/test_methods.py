@@ -184,6 +184,25 @@ def test_soft_prompt_init_from_text(tiny, make_data):
         SoftPrompt(backbone=backbone, verbalizer=dm.verbalizer, init="text")
 
 
+def test_soft_prompt_vocab_init_follows_the_run_seed(tiny, make_data):
+    """``init: vocab`` rows are token embeddings drawn with the run's seed unless ``init_seed`` is set."""
+    import lightning as L
+
+    backbone = tiny("llama")
+    dm = make_data(backbone)
+
+    def prompt(seed, **kwargs):
+        L.seed_everything(seed)
+        return SoftPrompt(backbone=backbone, verbalizer=dm.verbalizer, num_virtual_tokens=6, **kwargs).prompt.data
+
+    table = SoftPrompt(backbone=backbone, verbalizer=dm.verbalizer).backbone.get_input_embeddings().weight.detach()
+    a, b = prompt(13), prompt(87)
+    assert all(any(torch.equal(row, t) for t in table) for row in a)  # every row is a token embedding
+    torch.testing.assert_close(prompt(13), a)
+    assert not torch.equal(a, b)
+    torch.testing.assert_close(prompt(13, init_seed=5), prompt(87, init_seed=5))
+
+
 @pytest.mark.parametrize("name", ["hard_prompt", "soft_prompt", "prefix_tuning", "p_tuning"])
 def test_shared_prompt_scoring_equals_naive(name, tiny, make_data):
     """Multi-token label words scored against one shared prompt cache equal running the whole prompt
