@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from datamodules.collate import pad_batch
 from datamodules.encoding import TemplateTokenizer, answer_span, generation_target, tokenize_label_words
 from datamodules.readers import DataError, read_label_words, read_split
-from datamodules.sampling import BucketSampler, by_length
+from datamodules.sampling import BucketSampler, ResumableLoader, by_length
 from prompt_methods.backbone import load_tokenizer, resolve_kind
 from tasks.spec import SplitSource, TaskSpec, load_task
 
@@ -237,9 +237,17 @@ class PromptDataModule(L.LightningDataModule):
             lengths = [len(it["input_ids"]) for it in data]
             trainer = getattr(self, "trainer", None)
             world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-            order = BucketSampler(lengths, size, hp.seed, num_replicas=world, rank=rank) if shuffle else by_length(lengths)
-            kwargs = {"sampler": order}
+            if shuffle:
+                sampler = BucketSampler(lengths, size, hp.seed, num_replicas=world, rank=rank)
+                return ResumableLoader(data, batch_size=size, sampler=sampler, collate_fn=self.collate,
+                                       num_workers=hp.num_workers, batches_done=self._batches_done)
+            kwargs = {"sampler": by_length(lengths)}
         return DataLoader(data, batch_size=size, collate_fn=self.collate, num_workers=hp.num_workers, **kwargs)
+
+    def _batches_done(self) -> int:
+        """Training batches of the current epoch already run (what a mid-epoch checkpoint skips on resume)."""
+        trainer = getattr(self, "trainer", None)
+        return trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer is not None else 0
 
     def train_dataloader(self):
         return self._loader("train", shuffle=True)

@@ -8,14 +8,19 @@ Under DDP it shards itself (it is a ``DistributedSampler``, so Lightning does no
 are cut at the global batch size and dealt out round-robin, so each step's global batch holds the
 same examples as one process with the whole batch. The order depends on ``seed`` and the epoch
 given to :meth:`set_epoch` (Lightning calls it every epoch), so a resumed run sees the same order.
+
+:class:`ResumableLoader` makes that exact mid-epoch too: Lightning stores its ``state_dict`` (the
+batches of the current epoch already trained on) in every checkpoint and hands it back on resume,
+and the sampler then starts after those batches instead of replaying the epoch from its start.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 
 class BucketSampler(DistributedSampler):
@@ -27,9 +32,14 @@ class BucketSampler(DistributedSampler):
         # DistributedSampler.__init__ wants a dataset and a process group; its state is set here instead
         self.lengths, self.batch_size, self.seed, self.pool = list(lengths), batch_size * num_replicas, seed, pool
         self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
+        self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def skip_batches(self, batches: int) -> None:
+        """Start the next epoch's iteration after its first ``batches`` batches (a mid-epoch resume)."""
+        self._skip = batches
 
     def __len__(self) -> int:
         return math.ceil(len(self.lengths) / self.num_replicas)
@@ -37,7 +47,8 @@ class BucketSampler(DistributedSampler):
     def __iter__(self):
         order = self._order()
         order += order[: len(self) * self.num_replicas - len(order)]  # every process gets as many
-        return iter(order[self.rank::self.num_replicas])
+        start, self._skip = self._skip * (self.batch_size // self.num_replicas), 0
+        return iter(order[self.rank::self.num_replicas][start:])
 
     def _order(self) -> list[int]:
         gen = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -50,6 +61,28 @@ class BucketSampler(DistributedSampler):
         # only the last pool can end in a short batch; it stays last so the loader's batches line up with these
         last = batches.pop() if batches and len(batches[-1]) < self.batch_size else []
         return [i for b in torch.randperm(len(batches), generator=gen).tolist() for i in batches[b]] + last
+
+
+class ResumableLoader(DataLoader):
+    """The training DataLoader over a :class:`BucketSampler`, checkpointed by Lightning mid-epoch.
+
+    ``batches_done`` returns how many batches of the current epoch have been trained on (the
+    DataModule reads it from the trainer's loop progress); it is the whole state. Loading a state
+    from the middle of an epoch makes the sampler skip those batches once; a state saved at an
+    epoch's end skips nothing (Lightning starts the next epoch).
+    """
+
+    def __init__(self, *args, batches_done: Callable[[], int], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batches_done = batches_done
+
+    def state_dict(self) -> dict:
+        return {"batches_done": int(self.batches_done())}
+
+    def load_state_dict(self, state: dict) -> None:
+        done = int(state.get("batches_done", 0))
+        if 0 < done < len(self) and isinstance(self.sampler, BucketSampler):
+            self.sampler.skip_batches(done)
 
 
 def by_length(lengths: list[int]) -> list[int]:
