@@ -44,7 +44,7 @@ def measure(task: str, method: str, setup: str, attn: str, batch: dict, verbaliz
         model.backbone.to(torch.bfloat16)
     model.backbone.set_attn_implementation(attn)
     if compile_layers:
-        runtime.compile_blocks(model.backbone)
+        runtime.compile_blocks(model.backbone, attention=model.compile_attention)
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if setup not in ("fp32", "bf16-pure") else nullcontext
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 

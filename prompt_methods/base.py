@@ -53,6 +53,8 @@ class PromptModule(L.LightningModule):
 
     #: parameter-name prefixes the method trains (besides the readout head)
     method_params: tuple[str, ...] = ()
+    #: whether ``compile: true`` may compile attention too (False for methods feeding a key/value cache)
+    compile_attention: bool = True
 
     def __init__(
         self,
@@ -193,7 +195,7 @@ class PromptModule(L.LightningModule):
         if hasattr(self.backbone, "set_attn_implementation"):
             self.backbone.set_attn_implementation(runtime.attention(self.attn_implementation, device))
         if self.compile_blocks and not self._compiled:
-            self._compiled = runtime.compile_blocks(self.backbone)
+            self._compiled = runtime.compile_blocks(self.backbone, attention=self.compile_attention)
 
     def on_fit_start(self) -> None:
         trainable, total = count_params(self)

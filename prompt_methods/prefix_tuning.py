@@ -42,6 +42,7 @@ class PrefixTuning(PromptModule):
     """
 
     method_params = ("prefix",)
+    compile_attention = False  # the prefix cache's per-layer bookkeeping recompiles every layer
 
     def __init__(self, num_virtual_tokens: int = 10, reparameterize: bool = False, mlp_hidden: int = 512,
                  init: str = "text", init_text: str | None = "Classify the text.", adapter: str | None = None, **kwargs):

@@ -48,13 +48,20 @@ def repeated_blocks(backbone: nn.Module) -> nn.ModuleList | None:
     return best
 
 
-def compile_blocks(backbone: nn.Module) -> int:
+def compile_blocks(backbone: nn.Module, attention: bool = True) -> int:
     """Compile each transformer layer in place (regional compilation: the layers share one compiled
     graph, so the compile costs about one layer's, not the whole model's). Sequence lengths vary
-    between batches, so shapes are dynamic. Returns the number of layers compiled."""
+    between batches, so shapes are dynamic. ``attention=False`` compiles each layer's other parts
+    (MLP, norms) and leaves attention eager: for methods that hand the layers a key/value cache,
+    whose per-layer bookkeeping would make every layer compile anew. Returns the number of layers."""
     blocks = repeated_blocks(backbone)
     if blocks is None:
         raise ValueError("model.init_args.compile: the backbone has no stack of repeated layers to compile")
     for block in blocks:
-        block.compile(dynamic=True, backend=COMPILE_BACKEND)
+        if attention:
+            block.compile(dynamic=True, backend=COMPILE_BACKEND)
+            continue
+        for child in block.children():
+            if "attention" not in type(child).__name__.lower():
+                child.compile(dynamic=True, backend=COMPILE_BACKEND)
     return len(blocks)
