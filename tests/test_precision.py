@@ -37,30 +37,39 @@ def test_runtime_settings_are_checked_when_the_module_is_built(tiny, make_data):
         SoftPrompt(backbone=tiny("llama"), verbalizer=dm.verbalizer, backbone_dtype="fp16")
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_compiled_layers_match_eager(backend, tiny, make_data, monkeypatch):
-    """``compile: true`` compiles each transformer layer once (dynamic shapes): same loss and prompt
+@pytest.mark.parametrize("method,backend", [("soft_prompt", "aot_eager"), ("soft_prompt", "inductor"), ("prefix_tuning", "aot_eager")])
+def test_compiled_layers_match_eager(method, backend, tiny, make_data, monkeypatch):
+    """``compile: true`` compiles each transformer layer once (dynamic shapes): same loss and method
     gradient as the uncompiled module, on two batches of different lengths. ``aot_eager`` checks the
-    captured forward and backward graphs; ``inductor`` (the default backend) also its generated code."""
-    from prompt_methods import SoftPrompt, runtime
+    captured forward and backward graphs; ``inductor`` (the default backend) also its generated code.
+    Prefix tuning feeds a key/value cache, so its attention stays eager and the rest is compiled."""
+    from prompt_methods import PrefixTuning, SoftPrompt, runtime
 
     monkeypatch.setattr(runtime, "COMPILE_BACKEND", backend)
-
+    cls, kwargs, param = {"soft_prompt": (SoftPrompt, {}, "prompt"),
+                          "prefix_tuning": (PrefixTuning, {"init": "random"}, "prefix.kv")}[method]
     backbone = tiny("llama")
     dm = make_data(backbone, batch_size=3)
     batches = [b for _, b in zip(range(2), dm.train_dataloader())]
     assert batches[0]["input_ids"].shape[1] != batches[1]["input_ids"].shape[1]
     results = []
     for compile_layers in (False, True):
-        model = SoftPrompt(backbone=backbone, verbalizer=dm.verbalizer, num_virtual_tokens=4, compile=compile_layers)
+        torch.manual_seed(0)
+        model = cls(backbone=backbone, verbalizer=dm.verbalizer, num_virtual_tokens=4, compile=compile_layers, **kwargs)
         model.setup("fit")
         assert model._compiled == (2 if compile_layers else 0)
+        if compile_layers:
+            block = runtime.repeated_blocks(model.backbone)[0]
+            assert block.mlp._compiled_call_impl is not None
+            attention_compiled = (block._compiled_call_impl or block.self_attn._compiled_call_impl) is not None
+            assert attention_compiled == (method != "prefix_tuning")
+        weights = dict(model.named_parameters())[param]
         out = []
         for batch in batches:
-            model.prompt.grad = None
+            weights.grad = None
             loss = model.loss(batch)[0]
             loss.backward()
-            out.append((loss.detach(), model.prompt.grad.clone()))
+            out.append((loss.detach(), weights.grad.clone()))
         results.append(out)
     for (loss_a, grad_a), (loss_b, grad_b) in zip(*results):
         torch.testing.assert_close(loss_b, loss_a, rtol=1e-4, atol=1e-5)
