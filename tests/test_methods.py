@@ -201,6 +201,11 @@ def test_soft_prompt_vocab_init_follows_the_run_seed(tiny, make_data):
     torch.testing.assert_close(prompt(13), a)
     assert not torch.equal(a, b)
     torch.testing.assert_close(prompt(13, init_seed=5), prompt(87, init_seed=5))
+    low = prompt(13, init_vocab_ids=10)  # only the 10 lowest ids
+    assert all(any(torch.equal(row, t) for t in table[:10]) for row in low)
+    torch.testing.assert_close(prompt(13, init_vocab_ids=len(table)), a)  # the whole vocabulary is the default
+    with pytest.raises(ValueError, match="model.init_args.init_vocab_ids"):
+        prompt(13, init_vocab_ids=0)
 
 
 @pytest.mark.parametrize("name", ["hard_prompt", "soft_prompt", "prefix_tuning", "p_tuning"])
