@@ -60,9 +60,10 @@ def test_compiled_layers_match_eager(method, backend, tiny, make_data, monkeypat
         assert model._compiled == (2 if compile_layers else 0)
         if compile_layers:
             block = runtime.repeated_blocks(model.backbone)[0]
-            assert block.mlp._compiled_call_impl is not None
-            attention_compiled = (block._compiled_call_impl or block.self_attn._compiled_call_impl) is not None
-            assert attention_compiled == (method != "prefix_tuning")
+            whole = block._compiled_call_impl is not None
+            assert whole == (method != "prefix_tuning")
+            if not whole:  # the MLP and norms compiled, attention left eager
+                assert block.mlp._compiled_call_impl is not None and block.self_attn._compiled_call_impl is None
         weights = dict(model.named_parameters())[param]
         out = []
         for batch in batches:
