@@ -79,13 +79,12 @@ class PromptModule(L.LightningModule):
         self.save_hyperparameters(ignore=["verbalizer", "labels"])
         self.tune_backbone, self.lr, self.weight_decay, self.warmup_ratio = tune_backbone, lr, weight_decay, warmup_ratio
         self.backbone_dtype, self.attn_implementation = backbone_dtype, attn_implementation
-        self.compile_blocks, self._compiled = compile, 0
+        self.compile_layers, self._compiled = compile, 0
         if readout == "auto" and not verbalizer:  # a task with text answers
             readout = "span" if resolve_kind(backbone, backbone_kind, trust_remote_code) in ("encoder", "mlm") else "generate"
         if not verbalizer and readout not in ("generate", "span"):
             raise ValueError("model.init_args.verbalizer is empty: the CLI links it from the data module's label words")
-        runtime.backbone_dtype(backbone_dtype, "32", tune_backbone)  # a bad setting fails here, not in setup
-        runtime.attention(attn_implementation, "cpu")
+        runtime.check_settings(backbone_dtype, attn_implementation)  # fail here, not in setup
         self.backbone, self.kind = load_backbone(backbone, backbone_kind, trust_remote_code)
         self.tokenizer = load_tokenizer(backbone, trust_remote_code)
         if len(self.tokenizer) > self.backbone.get_input_embeddings().num_embeddings:
@@ -194,7 +193,7 @@ class PromptModule(L.LightningModule):
         device = self.trainer.strategy.root_device.type if self._trainer is not None else self.device.type
         if hasattr(self.backbone, "set_attn_implementation"):
             self.backbone.set_attn_implementation(runtime.attention(self.attn_implementation, device))
-        if self.compile_blocks and not self._compiled:
+        if self.compile_layers and not self._compiled:
             self._compiled = runtime.compile_blocks(self.backbone, attention=self.compile_attention)
 
     def on_fit_start(self) -> None:

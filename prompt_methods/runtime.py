@@ -19,11 +19,17 @@ COMPILE_BACKEND = "inductor"
 DTYPES = ("auto", "float32", "bfloat16")
 
 
+def check_settings(dtype: str, attn: str) -> None:
+    """Refuse an unknown ``backbone_dtype`` or ``attn_implementation``, naming the config key."""
+    if dtype not in DTYPES:
+        raise ValueError(f"model.init_args.backbone_dtype: '{dtype}' is not auto, float32 or bfloat16")
+    if attn not in ATTENTION:
+        raise ValueError(f"model.init_args.attn_implementation: '{attn}' is not one of {', '.join(ATTENTION)}")
+
+
 def backbone_dtype(setting: str, precision: str, tune_backbone: bool) -> torch.dtype:
     """The weight dtype of the backbone: bf16 when asked, or (``auto``) when the trainer runs bf16
     and the backbone is frozen; fp32 otherwise (a tuned backbone keeps fp32 master weights)."""
-    if setting not in DTYPES:
-        raise ValueError(f"model.init_args.backbone_dtype: '{setting}' is not auto, float32 or bfloat16")
     if setting == "bfloat16" or (setting == "auto" and precision.startswith("bf16") and not tune_backbone):
         return torch.bfloat16
     return torch.float32
@@ -31,8 +37,6 @@ def backbone_dtype(setting: str, precision: str, tune_backbone: bool) -> torch.d
 
 def attention(setting: str, device_type: str) -> str:
     """The attention implementation: ``auto`` is eager on CPU, sdpa on accelerators."""
-    if setting not in ATTENTION:
-        raise ValueError(f"model.init_args.attn_implementation: '{setting}' is not one of {', '.join(ATTENTION)}")
     if setting == "auto":
         return "eager" if device_type == "cpu" else "sdpa"
     return setting
