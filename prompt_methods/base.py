@@ -18,6 +18,7 @@ from prompt_methods import runtime
 from prompt_methods.backbone import BackboneError, load_backbone, load_tokenizer, resolve_kind
 from prompt_methods.checkpointing import backbone_fingerprint, check_compatible, trim_state
 from prompt_methods.generation import Generator
+from prompt_methods.prompt_cache import shared_prompt_cache
 from prompt_methods.optim import adamw_with_schedule, count_params, freeze_except
 from prompt_methods.span import SpanHead
 from prompt_methods.readout import ClassificationHead, Feed, build_readout
@@ -49,6 +50,9 @@ class PromptModule(L.LightningModule):
         max_new_tokens: the longest generated answer (tasks with text answers).
         compile: ``torch.compile`` each transformer layer (regional, dynamic shapes) at setup. Pays off
             on long runs only: the first steps wait for the compile (``benchmarks/step_speed.py --compile``).
+        share_prompt: on a frozen causal backbone, run prompt vectors placed before the input once per
+            batch and let the batch attend to their keys/values (:mod:`prompt_methods.prompt_cache`); the
+            same scores at a fraction of the cost. ``false`` runs them in every row.
     """
 
     #: parameter-name prefixes the method trains (besides the readout head)
@@ -74,12 +78,13 @@ class PromptModule(L.LightningModule):
         trust_remote_code: bool = False,
         max_new_tokens: int = 24,
         compile: bool = False,
+        share_prompt: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["verbalizer", "labels"])
         self.tune_backbone, self.lr, self.weight_decay, self.warmup_ratio = tune_backbone, lr, weight_decay, warmup_ratio
         self.backbone_dtype, self.attn_implementation = backbone_dtype, attn_implementation
-        self.compile_layers, self._compiled = compile, 0
+        self.compile_layers, self._compiled, self.share_prompt = compile, 0, share_prompt
         if readout == "auto" and not verbalizer:  # a task with text answers
             readout = "span" if resolve_kind(backbone, backbone_kind, trust_remote_code) in ("encoder", "mlm") else "generate"
         if not verbalizer and readout not in ("generate", "span"):
@@ -160,6 +165,11 @@ class PromptModule(L.LightningModule):
         mask = batch["attention_mask"]
         return Feed(self.embed(batch), mask, batch["answer_pos"], self.position_ids(mask))
 
+    def shares_prompt(self) -> bool:
+        """Whether prompt vectors before the input run once per batch (:mod:`prompt_methods.prompt_cache`):
+        on a frozen causal backbone, unless switched off or compiled (a cache recompiles each layer)."""
+        return self.share_prompt and self.kind == "causal" and not self.tune_backbone and not self.compile_layers
+
     def feed_with_prompt(self, batch: dict, prompt: torch.Tensor, key: str) -> Feed:
         """Put N prompt vectors (N, H) into the batch: at the template's ``{soft}`` slots if it has
         any, else before the input (Lester et al.). ``key`` names the count in errors."""
@@ -167,6 +177,10 @@ class PromptModule(L.LightningModule):
         prompt = prompt.to(embeds.dtype)
         mask, answer, slots = batch["attention_mask"], batch["answer_pos"], batch["soft_index"]
         n_slots = int(slots.max()) + 1
+        if n_slots <= 0 and self.shares_prompt():  # the prompt's keys/values, computed once, as a prefix
+            B, n = embeds.size(0), prompt.size(0)
+            cache = shared_prompt_cache(self.backbone, self.kind, prompt, B)
+            return Feed(embeds, torch.cat([mask.new_ones(B, n), mask], 1), answer, self.position_ids(mask, n), cache)
         if n_slots > 0:
             if n_slots != prompt.size(0):
                 raise ValueError(

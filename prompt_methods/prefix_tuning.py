@@ -15,11 +15,11 @@ import inspect
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
 from prompt_methods.backbone import BackboneError
 from prompt_methods.base import PromptModule
 from prompt_methods.peft_format import check_adapter, read_adapter
+from prompt_methods.prompt_cache import expanded_cache, new_cache
 from prompt_methods.readout import Feed
 
 
@@ -85,31 +85,23 @@ class PrefixTuning(PromptModule):
         """The (P, D) keys/values the frozen backbone computes for ``text`` (cut or repeated to P tokens)."""
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         ids = torch.tensor(ids).repeat(self.n_prefix // len(ids) + 1)[: self.n_prefix].unsqueeze(0)
-        cache = self.new_cache()
+        cache = new_cache(self.backbone, self.kind)
         self.backbone.base_model(input_ids=ids, past_key_values=cache, use_cache=True)  # fills ``cache``
         keys = [layer.keys[0] for layer in cache.layers]  # L x (kv, P, hd)
         values = [layer.values[0] for layer in cache.layers]
         kv = torch.stack([torch.stack(keys), torch.stack(values)], 1)  # (L, 2, kv, P, hd)
         return kv.permute(3, 0, 1, 2, 4).reshape(self.n_prefix, -1).float()  # (P, D)
 
-    def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.backbone.config) if self.kind == "causal" else DynamicCache()
-
     def prefix_kv(self) -> torch.Tensor:
         if hasattr(self.prefix, "mlp"):
             return self.prefix.base + self.prefix.mlp(self.prefix.embedding)
         return self.prefix.kv  # (P, D)
 
-    def build_cache(self, batch_size: int, dtype: torch.dtype) -> DynamicCache:
+    def build_cache(self, batch_size: int, dtype: torch.dtype):
         """A fresh cache holding the prefix for every layer, expanded over the batch."""
         kv = self.prefix_kv().to(dtype).view(self.n_prefix, self.n_layers, 2, self.n_kv, self.head_dim)
-        kv = kv.permute(1, 2, 3, 0, 4)  # (L, 2, kv, P, hd)
-        cache = self.new_cache()
-        for layer in range(self.n_layers):
-            k = kv[layer, 0].unsqueeze(0).expand(batch_size, -1, -1, -1)  # (B, kv, P, hd)
-            v = kv[layer, 1].unsqueeze(0).expand(batch_size, -1, -1, -1)
-            cache.update(k, v, layer)
-        return cache
+        kv = kv.permute(1, 2, 3, 0, 4).unsqueeze(2)  # (L, 2, 1, kv, P, hd)
+        return expanded_cache(self.backbone, self.kind, [(kv[i, 0], kv[i, 1]) for i in range(self.n_layers)], batch_size)
 
     def feed(self, batch) -> Feed:
         if (batch["soft_index"] >= 0).any():

@@ -223,3 +223,48 @@ def test_shared_prompt_scoring_equals_naive(name, tiny, make_data):
         shared = model(batch)
         naive = model.readout.naive(model.backbone, lambda: model.feed(batch))
     torch.testing.assert_close(shared, naive, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("name", ["soft_prompt", "p_tuning"])
+def test_prompt_run_once_per_batch_equals_per_row(name, arch, tiny, make_data):
+    """Prompt vectors before the input, run once per batch as a shared key/value prefix
+    (``share_prompt``), give the scores, loss and prompt gradient of running them in every row,
+    with several label words of several tokens (the continuation pass reuses the shared cache)."""
+    cls, kwargs = METHODS[name]
+    backbone = tiny(arch)
+    dm = make_data(backbone, label_words={"0": ["terrible", "bad movie"], "1": ["wonderful", "great"]})
+    batch = next(iter(dm.train_dataloader()))
+    assert (batch["attention_mask"] == 0).any()  # left padding between the prompt and some rows' tokens
+    results = []
+    for share in (True, False):
+        torch.manual_seed(0)
+        model = cls(backbone=backbone, verbalizer=dm.verbalizer, share_prompt=share, **kwargs)
+        model.configure_trainable()
+        assert model.shares_prompt() is share
+        feed = model.feed(batch)
+        assert (feed.past_key_values is not None) is share
+        loss, scores = model.loss(batch)
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results.append((loss.detach(), scores.detach(), grads))
+    (loss_a, scores_a, grads_a), (loss_b, scores_b, grads_b) = results
+    torch.testing.assert_close(scores_a, scores_b, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(loss_a, loss_b, atol=1e-5, rtol=1e-4)
+    assert len(grads_a) == len(grads_b) > 0
+    for a, b in zip(grads_a, grads_b):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_prompt_is_run_in_every_row_where_it_cannot_be_shared(tiny, make_data):
+    """Template slots, a bidirectional encoder or a tuned backbone keep the prompt in the rows."""
+    cls, kwargs = METHODS["soft_prompt"]
+    dm = make_data(tiny("llama"), template="{soft:5} {sentence} It was {mask}")
+    model = cls(backbone=tiny("llama"), verbalizer=dm.verbalizer, **kwargs)
+    assert model.feed(next(iter(dm.val_dataloader()))).past_key_values is None  # slots: in place
+    for arch, extra in (("bert", {}), ("llama", {"tune_backbone": True})):
+        dm = make_data(tiny(arch))
+        model = cls(backbone=tiny(arch), verbalizer=dm.verbalizer, **{**kwargs, **extra})
+        assert not model.shares_prompt()
+        assert model.feed(next(iter(dm.val_dataloader()))).past_key_values is None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 BLOCK = 32768
@@ -40,11 +41,22 @@ def raw_records(path: Path):
             yield buf + chunk
 
 
-def read_run(path: Path) -> dict:
-    """History rows, summary, tags, config, group and name of an offline run."""
+def read_run(path: Path, timeout: float = 60.0) -> dict:
+    """History rows, summary, tags, config, group and name of an offline run. W&B's writer process
+    may still be flushing after ``finish()`` returns on a loaded machine, so the file is read again
+    until it holds the run's ``exit`` record (or ``timeout`` seconds pass: then what is there)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = _read(path)
+        if out["exited"] or time.monotonic() > deadline:
+            return out
+        time.sleep(0.5)
+
+
+def _read(path: Path) -> dict:
     from wandb.proto import wandb_internal_pb2
 
-    out = {"history": [], "summary": {}, "tags": [], "config": {}, "group": None, "name": None}
+    out = {"history": [], "summary": {}, "tags": [], "config": {}, "group": None, "name": None, "exited": False}
     for data in raw_records(path):
         rec = wandb_internal_pb2.Record()
         rec.ParseFromString(data)
@@ -58,6 +70,8 @@ def read_run(path: Path) -> dict:
             out["group"], out["name"] = rec.run.run_group or out["group"], rec.run.display_name or out["name"]
             for item in rec.run.config.update:
                 out["config"][item.key] = json.loads(item.value_json)
+        elif kind == "exit":
+            out["exited"] = True
         elif kind == "config":
             for item in rec.config.update:
                 out["config"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
