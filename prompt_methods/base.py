@@ -2,7 +2,8 @@
 
 It owns the backbone, freezing, the readout, the shared step, metrics, the optimizer and what a
 checkpoint keeps. A method changes only how the backbone is fed, by overriding
-:meth:`PromptModule.feed` (and adding its own parameters).
+:meth:`PromptModule.feed` (and adding its own parameters); the feeding helpers are in
+:mod:`prompt_methods.feeding`.
 """
 
 from __future__ import annotations
@@ -18,15 +19,15 @@ from prompt_methods import runtime
 from prompt_methods.backbone import BackboneError, load_backbone, load_tokenizer, resolve_kind
 from prompt_methods.checkpointing import backbone_fingerprint, check_compatible, trim_state
 from prompt_methods.generation import Generator
-from prompt_methods.prompt_cache import shared_prompt_cache
+from prompt_methods.feeding import Feeding
 from prompt_methods.optim import adamw_with_schedule, count_params, freeze_except
 from prompt_methods.span import SpanHead
-from prompt_methods.readout import ClassificationHead, Feed, build_readout
+from prompt_methods.readout import ClassificationHead, build_readout
 from prompt_methods.scoring import log_epoch_metric
 from tasks.metrics import METRICS
 
 
-class PromptModule(L.LightningModule):
+class PromptModule(Feeding, L.LightningModule):
     """Base of every method.
 
     Args:
@@ -141,59 +142,6 @@ class PromptModule(L.LightningModule):
     @property
     def hidden_size(self) -> int:
         return self.backbone.config.get_text_config().hidden_size
-
-    def embed(self, batch: dict) -> torch.Tensor:
-        """(B, T, H) token embeddings; a batch may carry ``inputs_embeds`` instead of ids."""
-        if "inputs_embeds" in batch:
-            return batch["inputs_embeds"]
-        return self.backbone.get_input_embeddings()(batch["input_ids"])
-
-    # ------------------------------------------------------------------ feeding
-    def position_ids(self, attention_mask: torch.Tensor, offset: int = 0) -> torch.Tensor | None:
-        """(B, T) positions that skip left padding; None where the backbone has no absolute positions."""
-        if self.kind == "seq2seq":
-            return None
-        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0) + offset
-
-    def feed(self, batch: dict) -> Feed:
-        """Turn a batch into backbone inputs. Methods override this; the base feeds the hard prompt."""
-        if (batch["soft_index"] >= 0).any():
-            raise ValueError(
-                f"data.init_args.template has {{soft}} slots, but {type(self).__name__} has no learnable tokens; "
-                "use a template without {soft:N} or a soft-prompt method"
-            )
-        mask = batch["attention_mask"]
-        return Feed(self.embed(batch), mask, batch["answer_pos"], self.position_ids(mask))
-
-    def shares_prompt(self) -> bool:
-        """Whether prompt vectors before the input run once per batch (:mod:`prompt_methods.prompt_cache`):
-        on a frozen causal backbone, unless switched off or compiled (a cache recompiles each layer)."""
-        return self.share_prompt and self.kind == "causal" and not self.tune_backbone and not self.compile_layers
-
-    def feed_with_prompt(self, batch: dict, prompt: torch.Tensor, key: str) -> Feed:
-        """Put N prompt vectors (N, H) into the batch: at the template's ``{soft}`` slots if it has
-        any, else before the input (Lester et al.). ``key`` names the count in errors."""
-        embeds = self.embed(batch)  # (B, T, H)
-        prompt = prompt.to(embeds.dtype)
-        mask, answer, slots = batch["attention_mask"], batch["answer_pos"], batch["soft_index"]
-        n_slots = int(slots.max()) + 1
-        if n_slots <= 0 and self.shares_prompt():  # the prompt's keys/values, computed once, as a prefix
-            B, n = embeds.size(0), prompt.size(0)
-            cache = shared_prompt_cache(self.backbone, self.kind, prompt, B)
-            return Feed(embeds, torch.cat([mask.new_ones(B, n), mask], 1), answer, self.position_ids(mask, n), cache)
-        if n_slots > 0:
-            if n_slots != prompt.size(0):
-                raise ValueError(
-                    f"data.init_args.template has {n_slots} {{soft}} slots but {key} is {prompt.size(0)}; make them equal"
-                )
-            filled = prompt[slots.clamp(min=0)]  # (B, T, H)
-            embeds = torch.where((slots >= 0).unsqueeze(-1), filled, embeds)
-        else:
-            B = embeds.size(0)
-            embeds = torch.cat([prompt.unsqueeze(0).expand(B, -1, -1), embeds], 1)  # (B, N + T, H)
-            mask = torch.cat([mask.new_ones(B, prompt.size(0)), mask], 1)
-            answer = answer + prompt.size(0)
-        return Feed(embeds, mask, answer, self.position_ids(mask), prepended=int(embeds.size(1) - slots.size(1)))
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Label scores (B, C) for a batch."""

@@ -31,13 +31,14 @@ class Generator(nn.Module):
         self.kind, self.eos_id, self.max_new_tokens = kind, eos_id, max_new_tokens
 
     @staticmethod
-    def _extend(feed: Feed, embeds: torch.Tensor, mask: torch.Tensor, cache) -> Feed:
-        """Feed for tokens that follow the prompt: mask and positions continue it."""
-        full_mask = torch.cat([feed.attention_mask, mask], 1)
-        pos = None
-        if feed.position_ids is not None:
-            pos = feed.position_ids[:, -1:] + mask.long().cumsum(1)  # (B, n)
-        return Feed(embeds, full_mask, feed.answer_pos, pos, cache)
+    def _positions_after(feed: Feed, mask: torch.Tensor) -> torch.Tensor | None:
+        """(B, n) positions of tokens that follow the feed's (mask (B, n) skips padding)."""
+        return None if feed.position_ids is None else feed.position_ids[:, -1:] + mask.long().cumsum(1)
+
+    @classmethod
+    def _extend(cls, feed: Feed, embeds: torch.Tensor, mask: torch.Tensor, cache) -> Feed:
+        """Feed for tokens that follow the prompt, whose keys/values are in ``cache``: mask and positions continue it."""
+        return Feed(embeds, torch.cat([feed.attention_mask, mask], 1), feed.answer_pos, cls._positions_after(feed, mask), cache)
 
     def loss(self, backbone, feed: Feed, targets: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the gold answer tokens (B, L) given the prompt."""
@@ -47,10 +48,7 @@ class Generator(nn.Module):
             return backbone(encoder_outputs=BaseModelOutput(last_hidden_state=enc), attention_mask=feed.attention_mask,
                             labels=labels).loss
         embeds = backbone.get_input_embeddings()(targets).to(feed.inputs_embeds.dtype)  # (B, L, H)
-        joined = self._extend(feed, embeds, target_mask, feed.past_key_values)
-        full = Feed(torch.cat([feed.inputs_embeds, embeds], 1), joined.attention_mask, feed.answer_pos,
-                    None if feed.position_ids is None else torch.cat([feed.position_ids, joined.position_ids], 1),
-                    feed.past_key_values)
+        full = feed.appended(embeds, target_mask, self._positions_after(feed, target_mask))
         L = targets.size(1)
         hidden = base_forward(backbone, full).last_hidden_state[:, -L - 1:-1]  # (B, L, H): predicts each target
         logits = backbone.get_output_embeddings()(hidden).float()  # LM head on answer positions only

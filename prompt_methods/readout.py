@@ -33,6 +33,9 @@ class Feed:
         position_ids: (B, T) or None for the backbone's default.
         past_key_values: a transformers Cache holding a prefix, or None.
         prepended: positions put before the batch's tokens (prompt vectors), so T' = prepended + T.
+        prompt_row: a shared prompt run as an extra first row (:class:`~prompt_methods.prompt_cache.PromptRow`)
+            whose keys/values the cache puts before every row's; :func:`base_forward` adds it and
+            drops it again, so readouts see the B rows only.
     """
 
     inputs_embeds: torch.Tensor
@@ -41,6 +44,15 @@ class Feed:
     position_ids: torch.Tensor | None = None
     past_key_values: object | None = None
     prepended: int = 0
+    prompt_row: object | None = None
+
+    def appended(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor | None) -> Feed:
+        """This feed with tokens (B, n, H) after each row's last one (mask (B, n), positions (B, n)),
+        for a first pass over prompt and continuation together."""
+        return Feed(torch.cat([self.inputs_embeds, embeds], 1), torch.cat([self.attention_mask, mask], 1), self.answer_pos,
+                    None if self.position_ids is None else torch.cat([self.position_ids, positions], 1),
+                    self.past_key_values, self.prepended,
+                    None if self.prompt_row is None else self.prompt_row.extended(embeds.size(1)))
 
 
 def base_forward(backbone, feed: Feed, use_cache: bool = False):
@@ -51,7 +63,17 @@ def base_forward(backbone, feed: Feed, use_cache: bool = False):
         kwargs["past_key_values"] = feed.past_key_values
     if backbone.config.is_encoder_decoder:
         return backbone.get_encoder()(**{k: v for k, v in kwargs.items() if k != "use_cache"})
-    return backbone.base_model(**kwargs)
+    row = feed.prompt_row
+    if row is None:
+        return backbone.base_model(**kwargs)
+    kwargs.update(inputs_embeds=torch.cat([row.inputs_embeds, feed.inputs_embeds]),
+                  attention_mask=torch.cat([row.attention_mask, feed.attention_mask]),
+                  position_ids=torch.cat([row.position_ids, feed.position_ids]))
+    out = backbone.base_model(**kwargs)
+    out.last_hidden_state = out.last_hidden_state[1:]  # the batch's rows
+    rows = torch.arange(1, feed.inputs_embeds.size(0) + 1, device=feed.inputs_embeds.device)
+    feed.past_key_values.batch_select_indices(rows)  # now a prefix cache of the batch's rows
+    return out
 
 
 def gather_positions(hidden: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -137,11 +159,8 @@ class CausalLabelWords(_LabelWords):
             ids = self.words[w, : int(self.lengths[w])]  # (L_w,)
             B, n = feed.inputs_embeds.size(0), ids.numel()
             embeds = backbone.get_input_embeddings()(ids).to(feed.inputs_embeds.dtype).expand(B, -1, -1)
-            mask = torch.cat([feed.attention_mask, feed.attention_mask.new_ones(B, n)], 1)
-            pos = None
-            if feed.position_ids is not None:
-                pos = torch.cat([feed.position_ids, feed.position_ids[:, -1:] + 1 + torch.arange(n)], 1)
-            full = Feed(torch.cat([feed.inputs_embeds, embeds], 1), mask, feed.answer_pos, pos, feed.past_key_values)
+            pos = None if feed.position_ids is None else feed.position_ids[:, -1:] + 1 + torch.arange(n)
+            full = feed.appended(embeds, feed.attention_mask.new_ones(B, n), pos)
             hidden = base_forward(backbone, full).last_hidden_state[:, -n - 1:-1]  # (B, n, H): predicts each word token
             logp = F.log_softmax(backbone.get_output_embeddings()(hidden).float(), dim=-1)
             columns.append(logp.gather(-1, ids.expand(B, -1).unsqueeze(-1)).squeeze(-1).sum(-1))

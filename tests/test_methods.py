@@ -226,11 +226,12 @@ def test_shared_prompt_scoring_equals_naive(name, tiny, make_data):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-@pytest.mark.parametrize("name", ["soft_prompt", "p_tuning"])
-def test_prompt_run_once_per_batch_equals_per_row(name, arch, tiny, make_data):
-    """Prompt vectors before the input, run once per batch as a shared key/value prefix
-    (``share_prompt``), give the scores, loss and prompt gradient of running them in every row,
-    with several label words of several tokens (the continuation pass reuses the shared cache)."""
+@pytest.mark.parametrize("name,extra", [("soft_prompt", {}), ("soft_prompt", {"num_virtual_tokens": 40}), ("p_tuning", {})])
+def test_prompt_run_once_per_batch_equals_per_row(name, extra, arch, tiny, make_data):
+    """Prompt vectors before the input, run once per batch in a shared row (``share_prompt``),
+    give the scores, loss and prompt gradient of running them in every row: with several label
+    words of several tokens (the continuation pass reuses the cache) and with a prompt longer than
+    the batch's rows (40 vectors: the rows are padded to the prompt row's width)."""
     cls, kwargs = METHODS[name]
     backbone = tiny(arch)
     dm = make_data(backbone, label_words={"0": ["terrible", "bad movie"], "1": ["wonderful", "great"]})
@@ -239,11 +240,14 @@ def test_prompt_run_once_per_batch_equals_per_row(name, arch, tiny, make_data):
     results = []
     for share in (True, False):
         torch.manual_seed(0)
-        model = cls(backbone=backbone, verbalizer=dm.verbalizer, share_prompt=share, **kwargs)
+        model = cls(backbone=backbone, verbalizer=dm.verbalizer, share_prompt=share, **{**kwargs, **extra})
         model.configure_trainable()
         assert model.shares_prompt() is share
         feed = model.feed(batch)
-        assert (feed.past_key_values is not None) is share
+        assert (feed.prompt_row is not None) is share
+        if share:  # rows as wide as the longer of the batch and the prompt
+            n = feed.attention_mask.size(1) - feed.inputs_embeds.size(1)
+            assert feed.inputs_embeds.size(1) == max(batch["input_ids"].size(1), n)
         loss, scores = model.loss(batch)
         loss.backward()
         grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
@@ -257,14 +261,30 @@ def test_prompt_run_once_per_batch_equals_per_row(name, arch, tiny, make_data):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_shared_prompt_row_only_where_it_saves_positions(tiny, make_data):
+    """One shared row costs (B + 1) * max(T, N) positions against B * (N + T): a batch of one keeps
+    the prompt in its row; a cache of layers other than plain full attention does too."""
+    from prompt_methods.prompt_cache import prompt_row_pays
+
+    assert prompt_row_pays(8, 17, 20) and not prompt_row_pays(8, 248, 20) and not prompt_row_pays(1, 10, 20)
+    cls, kwargs = METHODS["soft_prompt"]
+    dm = make_data(tiny("llama"))
+    model = cls(backbone=tiny("llama"), verbalizer=dm.verbalizer, **kwargs)
+    model.eval()
+    batch = next(iter(dm.val_dataloader()))
+    one = {k: v[:1] for k, v in batch.items()}
+    assert model.feed(batch).prompt_row is not None and model.feed(one).prompt_row is None
+    torch.testing.assert_close(model(one), model(batch)[:1], atol=1e-5, rtol=1e-4)
+
+
 def test_prompt_is_run_in_every_row_where_it_cannot_be_shared(tiny, make_data):
     """Template slots, a bidirectional encoder or a tuned backbone keep the prompt in the rows."""
     cls, kwargs = METHODS["soft_prompt"]
     dm = make_data(tiny("llama"), template="{soft:5} {sentence} It was {mask}")
     model = cls(backbone=tiny("llama"), verbalizer=dm.verbalizer, **kwargs)
-    assert model.feed(next(iter(dm.val_dataloader()))).past_key_values is None  # slots: in place
+    assert model.feed(next(iter(dm.val_dataloader()))).prompt_row is None  # slots: in place
     for arch, extra in (("bert", {}), ("llama", {"tune_backbone": True})):
         dm = make_data(tiny(arch))
         model = cls(backbone=tiny(arch), verbalizer=dm.verbalizer, **{**kwargs, **extra})
         assert not model.shares_prompt()
-        assert model.feed(next(iter(dm.val_dataloader()))).past_key_values is None
+        assert model.feed(next(iter(dm.val_dataloader()))).prompt_row is None

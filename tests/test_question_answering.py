@@ -67,9 +67,7 @@ def greedy_without_cache(model, batch, steps: int) -> list[list[int]]:
             ids = torch.tensor(out).t()  # (B, t)
             embeds = model.backbone.get_input_embeddings()(ids)
             pos = feed.position_ids[:, -1:] + torch.arange(1, ids.size(1) + 1)
-            feed = Feed(torch.cat([feed.inputs_embeds, embeds], 1),
-                        torch.cat([feed.attention_mask, torch.ones_like(ids)], 1), feed.answer_pos,
-                        torch.cat([feed.position_ids, pos], 1), feed.past_key_values)
+            feed = feed.appended(embeds, torch.ones_like(ids), pos)
         hidden = base_forward(model.backbone, feed).last_hidden_state[:, -1]
         out.append(model.backbone.get_output_embeddings()(hidden).argmax(-1).tolist())
     return [list(col) for col in zip(*out)]
