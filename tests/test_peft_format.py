@@ -10,6 +10,7 @@ import torch
 
 from prompt_methods import PrefixTuning, PTuning, SoftPrompt
 from prompt_methods.peft_format import AdapterError, export_adapter
+from prompt_methods.readout import base_forward
 
 peft = pytest.importorskip("peft")
 from transformers import AutoModelForCausalLM  # noqa: E402
@@ -24,12 +25,9 @@ def batch_of(ids: torch.Tensor) -> dict:
 
 def our_logits(module, ids: torch.Tensor) -> torch.Tensor:
     """Logits at the input's own positions (virtual positions dropped)."""
-    feed = module.feed(batch_of(ids))
-    kwargs = dict(inputs_embeds=feed.inputs_embeds, attention_mask=feed.attention_mask, position_ids=feed.position_ids)
-    if feed.past_key_values is not None:
-        kwargs["past_key_values"] = feed.past_key_values
     with torch.no_grad():
-        return module.backbone(**kwargs).logits[:, -ids.size(1):].float()
+        hidden = base_forward(module.backbone, module.feed(batch_of(ids))).last_hidden_state
+        return module.backbone.get_output_embeddings()(hidden[:, -ids.size(1):]).float()
 
 
 def peft_logits(model, ids: torch.Tensor) -> torch.Tensor:

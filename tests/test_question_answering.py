@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from datamodules.readers import read_split
-from prompt_methods.readout import Feed, base_forward
+from prompt_methods import SoftPrompt
+from prompt_methods.readout import base_forward
 from tasks.metrics import normalize_answer, squad
 from tasks.spec import load_task
 from test_methods import METHODS
@@ -157,3 +158,31 @@ def test_extractive_spans_stay_aligned(name, arch, tiny, squad_file):
         opt.step()
     model.eval()
     assert model.answer_texts(batch) == ["great"] * len(batch["ids"])
+
+
+def test_generation_and_answer_loss_with_a_shared_prompt_row(tiny, squad_file):
+    """A soft prompt long enough to run as a shared row (40 vectors, batch 4) generates the same
+    answers as the uncached reference and as the prompt in every row, with the same answer loss
+    and gradient."""
+    backbone = tiny("llama")
+    dm = make_qa(backbone, squad_file)
+    batch = next(iter(dm.train_dataloader()))
+    answers, losses, grads = [], [], []
+    for share in (True, False):
+        torch.manual_seed(0)
+        model = SoftPrompt(backbone=backbone, verbalizer=dm.verbalizer, num_virtual_tokens=40, max_new_tokens=4,
+                           share_prompt=share)
+        model.configure_trainable()
+        model.readout.eos_id = -1  # never stop early, so all 4 steps are compared
+        assert (model.feed(batch).prompt_row is not None) is share
+        with torch.no_grad():
+            answers.append(model.readout.generate(model.backbone, model.feed(batch)))
+            assert answers[-1] == greedy_without_cache(model, batch, 4)
+        loss = model.loss(batch)[0]
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(model.prompt.grad.clone())
+    assert answers[0] == answers[1]
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-4)
+    assert grads[1].abs().max() > 0
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
