@@ -226,12 +226,13 @@ def test_shared_prompt_scoring_equals_naive(name, tiny, make_data):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-@pytest.mark.parametrize("name,extra", [("soft_prompt", {}), ("soft_prompt", {"num_virtual_tokens": 40}), ("p_tuning", {})])
+@pytest.mark.parametrize("name,extra", [("soft_prompt", {"num_virtual_tokens": 16}), ("soft_prompt", {"num_virtual_tokens": 24}),
+                                        ("p_tuning", {"num_virtual_tokens": 16})])
 def test_prompt_run_once_per_batch_equals_per_row(name, extra, arch, tiny, make_data):
     """Prompt vectors before the input, run once per batch in a shared row (``share_prompt``),
     give the scores, loss and prompt gradient of running them in every row: with several label
     words of several tokens (the continuation pass reuses the cache) and with a prompt longer than
-    the batch's rows (40 vectors: the rows are padded to the prompt row's width)."""
+    the batch's rows (24 vectors: the rows are padded to the prompt row's width)."""
     cls, kwargs = METHODS[name]
     backbone = tiny(arch)
     dm = make_data(backbone, label_words={"0": ["terrible", "bad movie"], "1": ["wonderful", "great"]})
@@ -262,14 +263,15 @@ def test_prompt_run_once_per_batch_equals_per_row(name, extra, arch, tiny, make_
 
 
 def test_shared_prompt_row_only_where_it_saves_positions(tiny, make_data):
-    """One shared row costs (B + 1) * max(T, N) positions against B * (N + T): a batch of one keeps
-    the prompt in its row; a cache of layers other than plain full attention does too."""
+    """One shared row costs (B + 1) * max(T, N) positions against B * (N + T); it is used where it
+    saves a quarter of them: not for long inputs, nor for a batch of one."""
     from prompt_methods.prompt_cache import prompt_row_pays
 
-    assert prompt_row_pays(8, 17, 20) and not prompt_row_pays(8, 248, 20) and not prompt_row_pays(1, 10, 20)
+    assert prompt_row_pays(8, 17, 20) and prompt_row_pays(32, 20, 20)
+    assert not prompt_row_pays(8, 248, 20) and not prompt_row_pays(32, 197, 20) and not prompt_row_pays(1, 10, 20)
     cls, kwargs = METHODS["soft_prompt"]
     dm = make_data(tiny("llama"))
-    model = cls(backbone=tiny("llama"), verbalizer=dm.verbalizer, **kwargs)
+    model = cls(backbone=tiny("llama"), verbalizer=dm.verbalizer, **{**kwargs, "num_virtual_tokens": 16})
     model.eval()
     batch = next(iter(dm.val_dataloader()))
     one = {k: v[:1] for k, v in batch.items()}

@@ -1,0 +1,89 @@
+"""Soft prompt with its vectors run once per batch in a shared row (``share_prompt``) against the
+prompt in every row: the same model, the same training batches, interleaved in one process so the
+VM's drift hits both sides alike.
+
+    python benchmarks/shared_prompt.py --task sst2 --out benchmarks/results/shared_prompt_sst2.json
+
+Times the raw module step (forward, backward, AdamW) and a forward without gradients under
+bf16 autocast with bf16 weights and eager attention (the CPU defaults), as the median over
+rounds of the mean over the batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from datamodules import DATAMODULES
+from prompt_methods import SoftPrompt
+from tasks.spec import load_task
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="sst2")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batches", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--num-virtual-tokens", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/results/shared_prompt.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dm = DATAMODULES[load_task(args.task).family](task=args.task, batch_size=args.batch_size, seed=42,
+                                                  max_train_samples=args.batch_size * args.batches)
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())[: args.batches]
+    model = SoftPrompt(verbalizer=dm.verbalizer, num_virtual_tokens=args.num_virtual_tokens)
+    model.configure_trainable()
+    model.backbone.to(torch.bfloat16)
+    model.backbone.set_attn_implementation("eager")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+    def train(batch):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model.loss(batch)[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    def forward(batch):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model.loss(batch)
+
+    times = {(share, kind): [] for share in (True, False) for kind in ("train", "forward")}
+    for batch in batches:  # warm-up: every batch shape once per setting (oneDNN builds a kernel per shape)
+        for share in (True, False):
+            model.share_prompt = share
+            train(batch)
+            forward(batch)
+    for _ in range(args.rounds):
+        for share in (True, False):
+            model.share_prompt = share
+            for kind, fn in (("train", train), ("forward", forward)):
+                start = time.perf_counter()
+                for batch in batches:
+                    fn(batch)
+                times[(share, kind)].append((time.perf_counter() - start) / len(batches))
+    rows = []
+    for share in (True, False):
+        tr, fw = statistics.median(times[(share, "train")]), statistics.median(times[(share, "forward")])
+        shared_batches = sum(model.feed(b).prompt_row is not None for b in batches) if share else 0
+        rows.append({"task": args.task, "share_prompt": share, "batch": args.batch_size, "batches": len(batches),
+                     "batches_sharing": shared_batches, "num_virtual_tokens": args.num_virtual_tokens,
+                     "mean_len": round(sum(b["input_ids"].size(1) for b in batches) / len(batches), 1),
+                     "train_ms": round(tr * 1000, 1), "forward_ms": round(fw * 1000, 1),
+                     "train_samples_per_s": round(args.batch_size / tr, 2), "train_over_forward": round(tr / fw, 2),
+                     "train_rounds_ms": [round(t * 1000, 1) for t in times[(share, "train")]]})
+        print(json.dumps(rows[-1]), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"threads": args.threads, "torch": torch.__version__, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
