@@ -73,7 +73,8 @@ def main() -> None:
     rows = []
     for share in (True, False):
         tr, fw = statistics.median(times[(share, "train")]), statistics.median(times[(share, "forward")])
-        shared_batches = sum(model.feed(b).prompt_row is not None for b in batches) if share else 0
+        model.share_prompt = share
+        shared_batches = sum(model.feed(b).prompt_row is not None for b in batches)
         rows.append({"task": args.task, "share_prompt": share, "batch": args.batch_size, "batches": len(batches),
                      "batches_sharing": shared_batches, "num_virtual_tokens": args.num_virtual_tokens,
                      "mean_len": round(sum(b["input_ids"].size(1) for b in batches) / len(batches), 1),

@@ -52,8 +52,8 @@ class PromptModule(Feeding, L.LightningModule):
         compile: ``torch.compile`` each transformer layer (regional, dynamic shapes) at setup. Pays off
             on long runs only: the first steps wait for the compile (``benchmarks/step_speed.py --compile``).
         share_prompt: on a frozen causal backbone, run prompt vectors placed before the input once per
-            batch and let the batch attend to their keys/values (:mod:`prompt_methods.prompt_cache`); the
-            same scores at a fraction of the cost. ``false`` runs them in every row.
+            batch, in an extra row whose keys/values the other rows attend to, where that saves a quarter
+            of the positions (:mod:`prompt_methods.prompt_cache`); the same scores. ``false``: every row.
     """
 
     #: parameter-name prefixes the method trains (besides the readout head)
