@@ -46,7 +46,8 @@ class PromptModule(Feeding, L.LightningModule):
         warmup_ratio: fraction of steps with linear warm-up, followed by linear decay.
         backbone_dtype: ``auto`` keeps a frozen backbone in bf16 when the trainer runs bf16, else fp32;
             or ``float32`` / ``bfloat16``. Method parameters always stay fp32.
-        attn_implementation: ``auto`` (eager on CPU, sdpa on GPU), ``eager`` or ``sdpa``.
+        attn_implementation: ``auto`` (``grouped`` for decoder-only backbones on CPU, else eager there;
+            sdpa on GPU), ``grouped``, ``eager`` or ``sdpa``.
         trust_remote_code: allow model code from the hub; off unless set.
         max_new_tokens: the longest generated answer (tasks with text answers).
         compile: ``torch.compile`` each transformer layer (regional, dynamic shapes) at setup. Pays off
@@ -154,7 +155,7 @@ class PromptModule(Feeding, L.LightningModule):
         self.backbone.to(runtime.backbone_dtype(self.backbone_dtype, precision, self.tune_backbone))
         device = self.trainer.strategy.root_device.type if self._trainer is not None else self.device.type
         if hasattr(self.backbone, "set_attn_implementation"):
-            self.backbone.set_attn_implementation(runtime.attention(self.attn_implementation, device))
+            self.backbone.set_attn_implementation(runtime.attention(self.attn_implementation, device, self.kind))
         if self.compile_layers and not self._compiled:
             self._compiled = runtime.compile_blocks(self.backbone, attention=self.compile_attention)
 

@@ -3,8 +3,9 @@ regional ``torch.compile``. Chosen in ``setup`` once the trainer's precision and
 
 Defaults (measured on a 2-core AMX CPU with SmolLM2-135M, ``benchmarks/step_speed.py``):
 a frozen backbone's weights are stored in bf16 under ``bf16-mixed`` (no per-step weight casts;
-method parameters stay fp32), and attention is ``eager`` on CPU, where the CPU flash-attention
-backward of ``sdpa`` is slow, and ``sdpa`` elsewhere. Compilation is off by default: it pays only
+method parameters stay fp32), and attention is ``grouped`` (``prompt_methods/attention.py``) for
+decoder-only backbones on CPU and ``eager`` for the others there, since the CPU flash-attention
+backward of ``sdpa`` is slow; ``sdpa`` on accelerators. Compilation is off by default: it pays only
 for runs long enough to amortize the compile.
 """
 
@@ -13,7 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-ATTENTION = ("auto", "eager", "sdpa")
+from prompt_methods import attention as _attention  # registers the ``grouped`` kernel with transformers
+
+ATTENTION = ("auto", "eager", "sdpa", _attention.NAME)
 #: the ``torch.compile`` backend for ``compile: true``
 COMPILE_BACKEND = "inductor"
 DTYPES = ("auto", "float32", "bfloat16")
@@ -35,10 +38,13 @@ def backbone_dtype(setting: str, precision: str, tune_backbone: bool) -> torch.d
     return torch.float32
 
 
-def attention(setting: str, device_type: str) -> str:
-    """The attention implementation: ``auto`` is eager on CPU, sdpa on accelerators."""
+def attention(setting: str, device_type: str, kind: str = "causal") -> str:
+    """The attention implementation: ``auto`` is ``grouped`` for decoder-only backbones on CPU,
+    eager for other backbones there, sdpa on accelerators."""
     if setting == "auto":
-        return "eager" if device_type == "cpu" else "sdpa"
+        if device_type != "cpu":
+            return "sdpa"
+        return _attention.NAME if kind == "causal" else "eager"
     return setting
 
 

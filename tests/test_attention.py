@@ -1,0 +1,124 @@
+"""The ``grouped`` attention kernel: the math of each model's eager attention, and chosen by ``auto``
+for decoder-only backbones on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from prompt_methods import attention, runtime
+from test_methods import METHODS
+from test_question_answering import greedy_without_cache, make_qa, squad_file  # noqa: F401 (fixture)
+
+
+def load(path: str, impl: str, dtype=torch.float32):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.set_attn_implementation(impl)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # grouped-query heads (4 over 2) and plain heads
+def test_grouped_equals_eager_with_padding(arch, tiny):
+    """Logits and the input gradient of a left-padded batch equal eager attention's."""
+    ids = torch.randint(5, 60, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    mask[1, :1] = 0
+    results = []
+    for impl in ("eager", attention.NAME):
+        model = load(tiny(arch), impl)
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        logits = model(inputs_embeds=embeds, attention_mask=mask).logits
+        (logits[:, -1].logsumexp(-1).sum() + logits[mask.bool()].square().mean()).backward()
+        results.append((logits.detach(), embeds.grad))
+    (eager_logits, eager_grad), (logits, grad) = results
+    torch.testing.assert_close(logits, eager_logits, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grad, eager_grad, atol=1e-5, rtol=1e-4)
+
+
+def test_grouped_close_to_eager_in_bf16(tiny):
+    """In bf16 the softmax runs in bf16 (fp32 inside the kernel, one rounding), eager's in fp32:
+    against the fp32 model, grouped's bf16 logits are no further off than eager's bf16 logits."""
+    torch.manual_seed(0)
+    ids = torch.randint(5, 60, (4, 24))
+    exact = load(tiny("llama"), "eager")(ids).logits
+    eager = load(tiny("llama"), "eager", torch.bfloat16)(ids).logits.float()
+    grouped = load(tiny("llama"), attention.NAME, torch.bfloat16)(ids).logits.float()
+    assert (grouped - exact).abs().mean() <= 1.1 * (eager - exact).abs().mean()
+
+
+@pytest.mark.parametrize("name", ["soft_prompt", "prefix_tuning", "p_tuning"])
+def test_prompt_methods_train_the_same_with_grouped_attention(name, tiny, make_data):
+    """Scores, loss and the prompt's gradient equal eager attention's, with the shared prompt row
+    (soft prompt), a prefix cache (prefix tuning) and template slots (P-tuning)."""
+    cls, kwargs = METHODS[name]
+    backbone = tiny("llama")
+    dm = make_data(backbone, label_words={"0": ["terrible", "bad movie"], "1": ["wonderful", "great"]})
+    batch = next(iter(dm.train_dataloader()))
+    results = []
+    for impl in ("eager", attention.NAME):
+        torch.manual_seed(0)
+        model = cls(backbone=backbone, verbalizer=dm.verbalizer, attn_implementation=impl,
+                    **{**kwargs, "num_virtual_tokens": 16})
+        model.setup("fit")  # applies attn_implementation
+        assert model.backbone.config._attn_implementation == impl
+        loss, scores = model.loss(batch)
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results.append((loss.detach(), scores.detach(), grads))
+    (loss0, scores0, grads0), (loss1, scores1, grads1) = results
+    torch.testing.assert_close(loss1, loss0, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(scores1, scores0, atol=1e-5, rtol=1e-4)
+    for g1, g0 in zip(grads1, grads0, strict=True):
+        torch.testing.assert_close(g1, g0, atol=1e-5, rtol=1e-4)
+
+
+def test_generation_with_grouped_attention(tiny, squad_file):  # noqa: F811
+    """Cached greedy decoding (one query against a growing cache) equals rerunning the whole prompt."""
+    cls, kwargs = METHODS["soft_prompt"]
+    dm = make_qa(tiny("llama"), squad_file)
+    model = cls(backbone=tiny("llama"), verbalizer=dm.verbalizer, max_new_tokens=4, attn_implementation=attention.NAME,
+                **kwargs)
+    model.setup("test")
+    model.eval()
+    model.readout.eos_id = -1
+    batch = next(iter(dm.val_dataloader()))
+    with torch.no_grad():
+        assert model.readout.generate(model.backbone, model.feed(batch)) == greedy_without_cache(model, batch, 4)
+
+
+def test_grouped_hands_unsupported_layers_to_eager(monkeypatch):
+    """Attention dropout while training, soft-capping, a boolean mask or no scaling: the model's own
+    eager attention runs instead."""
+    calls = []
+    monkeypatch.setattr(attention, "_eager", lambda module: lambda *a, **k: calls.append(k) or "eager")
+    q, k = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8)
+    mask = torch.zeros(1, 1, 3, 3)
+
+    class Layer(torch.nn.Module):
+        pass
+
+    layer = Layer().train()
+    out, _ = attention.grouped_attention(layer, q, k, k, mask, scaling=0.3)
+    assert out.shape == (1, 3, 4, 8) and not calls
+    assert attention.grouped_attention(layer, q, k, k, mask, scaling=0.3, dropout=0.1) == "eager"
+    assert attention.grouped_attention(layer, q, k, k, mask, scaling=0.3, softcap=30.0) == "eager"
+    assert attention.grouped_attention(layer, q, k, k, mask.bool(), scaling=0.3) == "eager"
+    assert attention.grouped_attention(layer, q, k, k, mask) == "eager"
+    assert len(calls) == 4
+    layer.eval()
+    attention.grouped_attention(layer, q, k, k, mask, scaling=0.3, dropout=0.1)  # no dropout at eval
+    assert len(calls) == 4
+
+
+def test_auto_attention_per_device_and_backbone(tiny, make_data):
+    assert runtime.attention("auto", "cpu", "causal") == attention.NAME
+    assert runtime.attention("auto", "cpu", "masked") == "eager"
+    assert runtime.attention("auto", "cuda", "causal") == "sdpa"
+    assert runtime.attention("eager", "cpu", "causal") == "eager"
+    cls, kwargs = METHODS["soft_prompt"]
+    for arch, expected in (("llama", attention.NAME), ("bert", "eager")):
+        model = cls(backbone=tiny(arch), verbalizer=make_data(tiny(arch)).verbalizer, **kwargs)
+        model.setup("fit")
+        assert model.backbone.config._attn_implementation == expected
