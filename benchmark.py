@@ -87,14 +87,16 @@ def text_answers(task: str) -> bool:
 
 
 def cells_of(grid: dict) -> list[dict]:
-    """Every (task, method, impl, seed). PEFT peers run on label-word tasks only (PEFT has no generation loop here)."""
+    """Every (task, method, impl, seed). PEFT peers run on label-word tasks only (PEFT has no generation loop here).
+    A method's PEFT peer runs right after it, seed by seed, so that a slow spell of the machine
+    falls on both sides of a throughput ratio rather than on one."""
     cells = []
     for task in grid["tasks"]:
         for method in grid["methods"]:
             peer = method in (grid.get("peft") or []) and not text_answers(task)
             impls = ["promptlit"] + (["peft"] if peer else [])
-            for impl in impls:
-                for seed in grid["seeds"]:
+            for seed in grid["seeds"]:
+                for impl in impls:
                     cells.append({"task": task, "method": method, "impl": impl, "seed": seed,
                                   "key": f"{task}-{method}-{impl}-s{seed}"})
     return cells

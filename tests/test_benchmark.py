@@ -111,3 +111,13 @@ def test_shipped_grids_load():
         grid = benchmark.load_grid(str(path))
         assert benchmark.cells_of(grid)
         assert (benchmark.ROOT / path).read_text().startswith("# python benchmark.py --config configs/benchmark/")
+
+
+def test_peft_peer_runs_beside_each_seed():
+    """A method's PEFT cell follows its promptlit cell of the same seed; text-answer tasks get no peer."""
+    grid = {"tasks": ["sst2", "squad"], "methods": ["soft_prompt", "fine_tuning"], "peft": ["soft_prompt"], "seeds": [1, 2]}
+    order = [(c["task"], c["method"], c["impl"], c["seed"]) for c in benchmark.cells_of(grid)]
+    assert order[:4] == [("sst2", "soft_prompt", "promptlit", 1), ("sst2", "soft_prompt", "peft", 1),
+                         ("sst2", "soft_prompt", "promptlit", 2), ("sst2", "soft_prompt", "peft", 2)]
+    assert len(order) == 4 + 2 + 2 + 2 and not any(t == "squad" and i == "peft" for t, _, i, _ in order)
+    assert len({c["key"] for c in benchmark.cells_of(grid)}) == len(order)
