@@ -1,12 +1,17 @@
-"""Soft prompt with its vectors run once per batch in a shared row (``share_prompt``) against the
-prompt in every row: the same model, the same training batches, interleaved in one process so the
-VM's drift hits both sides alike.
+"""A prompt run once per batch in a shared row (``share_prompt``: the soft prompt's vectors, and
+the template's leading part that every row starts with) against the prompt in every row: the
+same model, the same training batches, interleaved in one process so the VM's drift hits both
+sides alike.
 
     python benchmarks/shared_prompt.py --task sst2 --out benchmarks/results/shared_prompt_sst2.json
+    python benchmarks/shared_prompt.py --method p_tuning --num-virtual-tokens 6 \
+        --template "{soft:3} Review: {sentence} {soft:3} Sentiment: {mask}" --row-saving 0 \
+        --out benchmarks/results/shared_lead_sst2.json
 
 Times the raw module step (forward, backward, AdamW) and a forward without gradients under
-bf16 autocast with bf16 weights and eager attention (the CPU defaults), as the median over
-rounds of the mean over the batches.
+bf16 autocast with bf16 weights and the CPU's default attention, as the median over rounds of
+the mean over the batches. ``--row-saving`` overrides the share of positions the row must save
+(``prompt_cache.ROW_SAVING``) on the shared side; ``positions`` counts what each side computes.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 import torch
 
 from datamodules import DATAMODULES
-from prompt_methods import SoftPrompt
+from prompt_methods import PTuning, SoftPrompt, prompt_cache, runtime
 from tasks.spec import load_task
 
 
@@ -30,19 +35,26 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--batches", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--method", choices=["soft_prompt", "p_tuning"], default="soft_prompt")
+    parser.add_argument("--template", help="the task's default template unless given")
     parser.add_argument("--num-virtual-tokens", type=int, default=20)
+    parser.add_argument("--row-saving", type=float, help=f"share of positions the row must save (default {prompt_cache.ROW_SAVING})")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/shared_prompt.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.row_saving is not None:
+        prompt_cache.ROW_SAVING = args.row_saving
+    extra = {"template": args.template} if args.template else {}
     dm = DATAMODULES[load_task(args.task).family](task=args.task, batch_size=args.batch_size, seed=42,
-                                                  max_train_samples=args.batch_size * args.batches)
+                                                  max_train_samples=args.batch_size * args.batches, **extra)
     dm.setup("fit")
     batches = list(dm.train_dataloader())[: args.batches]
-    model = SoftPrompt(verbalizer=dm.verbalizer, num_virtual_tokens=args.num_virtual_tokens)
+    cls = {"soft_prompt": SoftPrompt, "p_tuning": PTuning}[args.method]
+    model = cls(verbalizer=dm.verbalizer, num_virtual_tokens=args.num_virtual_tokens)
     model.configure_trainable()
     model.backbone.to(torch.bfloat16)
-    model.backbone.set_attn_implementation("eager")
+    model.backbone.set_attn_implementation(runtime.attention("auto", "cpu", model.kind))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 
     def train(batch):
@@ -74,8 +86,13 @@ def main() -> None:
     for share in (True, False):
         tr, fw = statistics.median(times[(share, "train")]), statistics.median(times[(share, "forward")])
         model.share_prompt = share
-        shared_batches = sum(model.feed(b).prompt_row is not None for b in batches)
-        rows.append({"task": args.task, "share_prompt": share, "batch": args.batch_size, "batches": len(batches),
+        feeds = [model.feed(b) for b in batches]
+        shared_batches = sum(f.prompt_row is not None for f in feeds)
+        positions = sum(f.inputs_embeds.size(0) * f.inputs_embeds.size(1) + (f.prompt_row is not None) * f.inputs_embeds.size(1)
+                        for f in feeds)
+        rows.append({"task": args.task, "method": args.method, "template": dm.hparams.template or load_task(args.task).template,
+                     "row_saving": prompt_cache.ROW_SAVING, "attn": model.backbone.config._attn_implementation,
+                     "share_prompt": share, "batch": args.batch_size, "batches": len(batches), "positions": positions,
                      "batches_sharing": shared_batches, "num_virtual_tokens": args.num_virtual_tokens,
                      "mean_len": round(sum(b["input_ids"].size(1) for b in batches) / len(batches), 1),
                      "train_ms": round(tr * 1000, 1), "forward_ms": round(fw * 1000, 1),

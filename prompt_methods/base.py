@@ -52,9 +52,10 @@ class PromptModule(Feeding, L.LightningModule):
         max_new_tokens: the longest generated answer (tasks with text answers).
         compile: ``torch.compile`` each transformer layer (regional, dynamic shapes) at setup. Pays off
             on long runs only: the first steps wait for the compile (``benchmarks/step_speed.py --compile``).
-        share_prompt: on a frozen causal backbone, run prompt vectors placed before the input once per
-            batch, in an extra row whose keys/values the other rows attend to, where that saves a quarter
-            of the positions (:mod:`prompt_methods.prompt_cache`); the same scores. ``false``: every row.
+        share_prompt: on a frozen causal backbone, run prompt vectors placed before the input, and the
+            template's leading part that every row starts with, once per batch, in an extra row whose
+            keys/values the other rows attend to, where that saves positions
+            (:mod:`prompt_methods.prompt_cache`); the same scores. ``false``: every row.
     """
 
     #: parameter-name prefixes the method trains (besides the readout head)

@@ -48,23 +48,23 @@ class Feeding:
 
     def feed_with_prompt(self, batch: dict, prompt: torch.Tensor, key: str) -> Feed:
         """Put N prompt vectors (N, H) into the batch: at the template's ``{soft}`` slots if it has
-        any, else before the input (Lester et al.): in every row, or once as a shared row where
-        that is allowed (:meth:`shares_prompt`) and fewer positions. ``key`` names the count in errors."""
+        any, else before the input (Lester et al.): in every row, or (:meth:`shares_prompt`) once,
+        in a shared row, together with the template's leading part that every row starts with,
+        where that computes fewer positions. ``key`` names the count in errors."""
         embeds = self.embed(batch)  # (B, T, H)
         prompt = prompt.to(embeds.dtype)
         mask, answer, slots = batch["attention_mask"], batch["answer_pos"], batch["soft_index"]
         n_slots = int(slots.max()) + 1
-        if n_slots <= 0 and self.shares_prompt() and prompt_row_pays(*mask.shape, prompt.size(0)):
-            feed = self._feed_with_prompt_row(embeds, mask, answer, prompt)
+        if n_slots > 0 and n_slots != prompt.size(0):
+            raise ValueError(
+                f"data.init_args.template has {n_slots} {{soft}} slots but {key} is {prompt.size(0)}; make them equal"
+            )
+        if self.shares_prompt():
+            feed = self._feed_sharing_lead(batch, embeds, prompt if n_slots <= 0 else prompt[:0], prompt)
             if feed is not None:
                 return feed
         if n_slots > 0:
-            if n_slots != prompt.size(0):
-                raise ValueError(
-                    f"data.init_args.template has {n_slots} {{soft}} slots but {key} is {prompt.size(0)}; make them equal"
-                )
-            filled = prompt[slots.clamp(min=0)]  # (B, T, H)
-            embeds = torch.where((slots >= 0).unsqueeze(-1), filled, embeds)
+            embeds = fill_slots(embeds, slots, prompt)
         else:
             B = embeds.size(0)
             embeds = torch.cat([prompt.unsqueeze(0).expand(B, -1, -1), embeds], 1)  # (B, N + T, H)
@@ -72,9 +72,32 @@ class Feeding:
             answer = answer + prompt.size(0)
         return Feed(embeds, mask, answer, self.position_ids(mask), prepended=int(embeds.size(1) - slots.size(1)))
 
+    def _feed_sharing_lead(self, batch: dict, embeds: torch.Tensor, before: torch.Tensor, prompt: torch.Tensor) -> Feed | None:
+        """The batch with one shared first row holding the vectors ``before`` the input and the k
+        leading tokens/slots that every row starts with (:func:`shared_lead`), which leave the
+        rows; None where that is not fewer positions (``prompt_row_pays``)."""
+        mask, answer, slots = batch["attention_mask"], batch["answer_pos"], batch["soft_index"]
+        (B, T), n = mask.shape, before.size(0)
+        k = shared_lead(batch) if "input_ids" in batch else 0
+        k = min(k, max(0, (T - n + 1) // 2))  # the row is max(T - k, n + k) wide: move no more than evens them
+        if n + k == 0 or not prompt_row_pays(B, T - k, n + k):
+            return None
+        if k:
+            start = T - mask.sum(1)  # (B,) where each row's tokens begin
+            lead = fill_slots(embeds[:1, start[0]:start[0] + k], slots[:1, start[0]:start[0] + k], prompt)[0]
+            cols = torch.arange(T, device=mask.device)
+            in_lead = (cols >= start[:, None]) & (cols < start[:, None] + k)  # becomes padding; then the
+            mask, slots = mask.masked_fill(in_lead, 0)[:, k:], slots.masked_fill(in_lead, -1)[:, k:]  # first k
+            embeds, answer = embeds[:, k:], answer - k  # columns are padding in every row and go
+            before = torch.cat([before, lead], 0)
+        if (slots >= 0).any():
+            embeds = fill_slots(embeds, slots, prompt)
+        return self._feed_with_prompt_row(embeds, mask, answer, before, dropped=k)
+
     def _feed_with_prompt_row(self, embeds: torch.Tensor, mask: torch.Tensor, answer: torch.Tensor,
-                              prompt: torch.Tensor) -> Feed | None:
-        """The batch's rows (left-padded to at least N places) with the prompt as a shared first row."""
+                              prompt: torch.Tensor, dropped: int = 0) -> Feed | None:
+        """The batch's rows (left-padded to at least N places) with the prompt as a shared first row;
+        ``dropped`` leading tokens of every row are part of that prompt."""
         (B, T), n = mask.shape, prompt.size(0)
         width = max(T, n)
         cache = prompt_row_cache(self.backbone, n, width - n, B + 1)
@@ -88,4 +111,25 @@ class Feeding:
         row = PromptRow(torch.cat([embeds.new_zeros(1, width - n, embeds.size(-1)), prompt.unsqueeze(0)], 1),
                         torch.cat([mask.new_zeros(1, n), row_mask], 1), self.position_ids(row_mask))
         return Feed(embeds, torch.cat([mask.new_ones(B, n), mask], 1), answer, self.position_ids(mask, n), cache,
-                    prepended=width - T, prompt_row=row)
+                    prepended=width - T - dropped, prompt_row=row)
+
+
+def fill_slots(embeds: torch.Tensor, slots: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+    """``embeds`` (B, T, H) with prompt vector ``slots[b, t]`` wherever that is a slot (>= 0)."""
+    return torch.where((slots >= 0).unsqueeze(-1), prompt[slots.clamp(min=0)], embeds)
+
+
+def shared_lead(batch: dict) -> int:
+    """How many leading tokens (and ``{soft}`` slots) every row of a left-padded batch starts with,
+    stopping before the earliest answer position: on a causal LM those positions attend only to
+    each other at the same positions in every row, so their keys/values are the same everywhere."""
+    ids, mask, slots, answer = batch["input_ids"], batch["attention_mask"], batch["soft_index"], batch["answer_pos"]
+    B, T = ids.shape
+    start = T - mask.sum(1)
+    most = int((answer - start).min()) if B > 1 else 0
+    if most <= 0:
+        return 0
+    where = start[:, None] + torch.arange(most, device=ids.device)
+    lead_ids, lead_slots = ids.gather(1, where), slots.gather(1, where)
+    same = ((lead_ids == lead_ids[:1]) & (lead_slots == lead_slots[:1])).all(0)
+    return int(same.long().cumprod(0).sum())

@@ -9,8 +9,10 @@ keys/values are the same in every row. Instead of running them in each of the B 
 gets one extra row holding the prompt (a :class:`PromptRow`); at every layer a
 :class:`PromptRowLayer` takes that row's prompt keys/values and puts them in front of every other
 row's, as a prefix. One pass over (B + 1) rows of max(T, N) positions replaces B rows of N + T
-(SST-2, batch 8, N = 20: about 180 positions instead of 296); it is used where it saves at least a
-quarter of the positions (short inputs). A separate batch-1 pass over the
+(SST-2, batch 8, N = 20: about 180 positions instead of 296); it is used where it saves at least
+``ROW_SAVING`` of the positions (short inputs). The same holds for the template's leading part
+that every row starts with (P-tuning's leading ``{soft}`` slots and text such as "Review:"), so
+that part joins the shared row too (``feeding.shared_lead``). A separate batch-1 pass over the
 prompt was tried first: on a CPU it costs a whole extra read of the weights and the per-layer
 overhead, most of what it saves on a short batch. The scores, loss and gradient are those of
 running the prompt in every row (the tests compare them).
@@ -101,8 +103,9 @@ def prompt_row_cache(backbone, n: int, start: int, rows: int) -> DynamicCache | 
 
 
 #: the shared row is used when it saves at least this share of the positions: the row adds a key/value
-#: copy per layer, and on SQuAD evaluation batches (32 x ~200 tokens, 6% fewer positions) it was no faster
-ROW_SAVING = 0.25
+#: copy per layer. On SQuAD evaluation batches (32 x ~200 tokens, 6% fewer positions) it was no faster;
+#: on SST-2 P-tuning batches of 8 (11% fewer) the train step was 4% faster (benchmarks/shared_prompt.py)
+ROW_SAVING = 0.1
 
 
 def prompt_row_pays(batch_size: int, length: int, n: int) -> bool:

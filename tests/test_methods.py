@@ -126,8 +126,8 @@ def test_soft_prompt_fills_template_slots(tiny, make_data):
     dm = make_data(backbone, template="{soft:2} Review: {sentence} {soft:1} Sentiment: {mask}")
     batch = next(iter(dm.val_dataloader()))
     assert (batch["soft_index"] >= 0).sum(1).tolist() == [3] * len(batch["labels"])
-    model = SoftPrompt(backbone=backbone, verbalizer=dm.verbalizer, num_virtual_tokens=3)
-    feed = model.feed(batch)
+    model = SoftPrompt(backbone=backbone, verbalizer=dm.verbalizer, num_virtual_tokens=3, share_prompt=False)
+    feed = model.feed(batch)  # in the rows (the shared row would take the leading part: compared elsewhere)
     slots = batch["soft_index"] >= 0
     expected = model.prompt[batch["soft_index"][slots]]
     torch.testing.assert_close(feed.inputs_embeds[slots], expected)
@@ -262,9 +262,61 @@ def test_prompt_run_once_per_batch_equals_per_row(name, extra, arch, tiny, make_
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("name,template,n", [("p_tuning", "{soft:3} Review: {sentence} {soft:3} Sentiment: {mask}", 6),
+                                             ("soft_prompt", "Review: {sentence} Sentiment: {mask}", 2)])
+def test_leading_template_part_shared_once_per_batch(name, template, n, arch, tiny, make_data, monkeypatch):
+    """The template's leading part that every row starts with (P-tuning's leading slots and text;
+    a short soft prompt's following text) moves into the shared row: the rows get shorter and the
+    scores, loss and gradients equal those of the per-row prompt."""
+    from prompt_methods import prompt_cache
+
+    monkeypatch.setattr(prompt_cache, "ROW_SAVING", 0.0)  # take the row for any saving, to compare
+    cls, kwargs = METHODS[name]
+    backbone = tiny(arch)
+    dm = make_data(backbone, template=template, label_words={"0": ["terrible", "bad movie"], "1": ["wonderful", "great"]})
+    batch = next(iter(dm.train_dataloader()))
+    assert (batch["attention_mask"] == 0).any()
+    results = []
+    for share in (True, False):
+        torch.manual_seed(0)
+        model = cls(backbone=backbone, verbalizer=dm.verbalizer, share_prompt=share, **{**kwargs, "num_virtual_tokens": n})
+        model.configure_trainable()
+        feed = model.feed(batch)
+        assert (feed.prompt_row is not None) is share
+        if share:  # "Review:" (and P-tuning's 3 leading slots) left the rows
+            assert feed.inputs_embeds.size(1) <= batch["input_ids"].size(1) - (5 if name == "p_tuning" else 2)
+        loss, scores = model.loss(batch)
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results.append((loss.detach(), scores.detach(), grads))
+    (loss_a, scores_a, grads_a), (loss_b, scores_b, grads_b) = results
+    torch.testing.assert_close(scores_a, scores_b, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(loss_a, loss_b, atol=1e-5, rtol=1e-4)
+    assert len(grads_a) == len(grads_b) > 0
+    for a, b in zip(grads_a, grads_b):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_lead_counts_what_every_row_starts_with():
+    """Leading tokens and slots common to all rows after their left padding, before the earliest answer."""
+    from prompt_methods.feeding import shared_lead
+
+    ids = torch.tensor([[0, 0, 7, 8, 9, 4, 5], [7, 8, 9, 3, 3, 4, 5], [0, 7, 8, 2, 3, 4, 5]])
+    mask = (ids > 0).long()
+    slots = torch.full_like(ids, -1)
+    batch = {"input_ids": ids, "attention_mask": mask, "soft_index": slots, "answer_pos": torch.tensor([6, 6, 6])}
+    assert shared_lead(batch) == 2  # 7 8 in every row; the third row has 2, not 9, next
+    assert shared_lead({**batch, "answer_pos": torch.tensor([6, 6, 2])}) == 1  # row 3's answer is its 2nd token
+    slots[1, 1] = 0  # row 2's second place is a slot, the others' is a token
+    assert shared_lead(batch) == 1
+    assert shared_lead({k: v[:1] for k, v in batch.items()}) == 0  # one row: nothing to share
+
+
 def test_shared_prompt_row_only_where_it_saves_positions(tiny, make_data):
     """One shared row costs (B + 1) * max(T, N) positions against B * (N + T); it is used where it
-    saves a quarter of them: not for long inputs, nor for a batch of one."""
+    saves ``ROW_SAVING`` of them: not for long inputs, nor for a batch of one."""
     from prompt_methods.prompt_cache import prompt_row_pays
 
     assert prompt_row_pays(8, 17, 20) and prompt_row_pays(32, 20, 20)
@@ -280,11 +332,11 @@ def test_shared_prompt_row_only_where_it_saves_positions(tiny, make_data):
 
 
 def test_prompt_is_run_in_every_row_where_it_cannot_be_shared(tiny, make_data):
-    """Template slots, a bidirectional encoder or a tuned backbone keep the prompt in the rows."""
+    """Slots after the input, a bidirectional encoder or a tuned backbone keep the prompt in the rows."""
     cls, kwargs = METHODS["soft_prompt"]
-    dm = make_data(tiny("llama"), template="{soft:5} {sentence} It was {mask}")
+    dm = make_data(tiny("llama"), template="{sentence} {soft:5} It was {mask}")
     model = cls(backbone=tiny("llama"), verbalizer=dm.verbalizer, **kwargs)
-    assert model.feed(next(iter(dm.val_dataloader()))).prompt_row is None  # slots: in place
+    assert model.feed(next(iter(dm.val_dataloader()))).prompt_row is None  # slots after the input: in place
     for arch, extra in (("bert", {}), ("llama", {"tune_backbone": True})):
         dm = make_data(tiny(arch))
         model = cls(backbone=tiny(arch), verbalizer=dm.verbalizer, **{**kwargs, **extra})
