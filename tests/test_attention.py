@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from prompt_methods import attention, runtime
-from test_methods import METHODS
+from test_methods import METHODS, assert_same_training, loss_scores_grads
 from test_question_answering import greedy_without_cache, make_qa, squad_file  # noqa: F401 (fixture)
 
 
@@ -63,15 +63,8 @@ def test_prompt_methods_train_the_same_with_grouped_attention(name, tiny, make_d
                     **{**kwargs, "num_virtual_tokens": 16})
         model.setup("fit")  # applies attn_implementation
         assert model.backbone.config._attn_implementation == impl
-        loss, scores = model.loss(batch)
-        loss.backward()
-        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
-        results.append((loss.detach(), scores.detach(), grads))
-    (loss0, scores0, grads0), (loss1, scores1, grads1) = results
-    torch.testing.assert_close(loss1, loss0, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(scores1, scores0, atol=1e-5, rtol=1e-4)
-    for g1, g0 in zip(grads1, grads0, strict=True):
-        torch.testing.assert_close(g1, g0, atol=1e-5, rtol=1e-4)
+        results.append(loss_scores_grads(model, batch))
+    assert_same_training(*results)
 
 
 def test_generation_with_grouped_attention(tiny, squad_file):  # noqa: F811

@@ -225,6 +225,24 @@ def test_shared_prompt_scoring_equals_naive(name, tiny, make_data):
     torch.testing.assert_close(shared, naive, atol=1e-4, rtol=1e-4)
 
 
+def loss_scores_grads(model, batch) -> tuple:
+    """One training step's loss, scores and the gradients of the trained parameters (no update)."""
+    loss, scores = model.loss(batch)
+    loss.backward()
+    return loss.detach(), scores.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+def assert_same_training(a: tuple, b: tuple) -> None:
+    """Two ``loss_scores_grads`` results agree, and the gradients are not all zero."""
+    (loss_a, scores_a, grads_a), (loss_b, scores_b, grads_b) = a, b
+    torch.testing.assert_close(scores_a, scores_b, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(loss_a, loss_b, atol=1e-5, rtol=1e-4)
+    assert len(grads_a) == len(grads_b) > 0
+    for x, y in zip(grads_a, grads_b):
+        assert y.abs().max() > 0
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("name,extra", [("soft_prompt", {"num_virtual_tokens": 16}), ("soft_prompt", {"num_virtual_tokens": 24}),
                                         ("p_tuning", {"num_virtual_tokens": 16})])
@@ -249,17 +267,8 @@ def test_prompt_run_once_per_batch_equals_per_row(name, extra, arch, tiny, make_
         if share:  # rows as wide as the longer of the batch and the prompt
             n = feed.attention_mask.size(1) - feed.inputs_embeds.size(1)
             assert feed.inputs_embeds.size(1) == max(batch["input_ids"].size(1), n)
-        loss, scores = model.loss(batch)
-        loss.backward()
-        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
-        results.append((loss.detach(), scores.detach(), grads))
-    (loss_a, scores_a, grads_a), (loss_b, scores_b, grads_b) = results
-    torch.testing.assert_close(scores_a, scores_b, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(loss_a, loss_b, atol=1e-5, rtol=1e-4)
-    assert len(grads_a) == len(grads_b) > 0
-    for a, b in zip(grads_a, grads_b):
-        assert b.abs().max() > 0
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        results.append(loss_scores_grads(model, batch))
+    assert_same_training(*results)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -286,17 +295,8 @@ def test_leading_template_part_shared_once_per_batch(name, template, n, arch, ti
         assert (feed.prompt_row is not None) is share
         if share:  # "Review:" (and P-tuning's 3 leading slots) left the rows
             assert feed.inputs_embeds.size(1) <= batch["input_ids"].size(1) - (5 if name == "p_tuning" else 2)
-        loss, scores = model.loss(batch)
-        loss.backward()
-        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
-        results.append((loss.detach(), scores.detach(), grads))
-    (loss_a, scores_a, grads_a), (loss_b, scores_b, grads_b) = results
-    torch.testing.assert_close(scores_a, scores_b, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(loss_a, loss_b, atol=1e-5, rtol=1e-4)
-    assert len(grads_a) == len(grads_b) > 0
-    for a, b in zip(grads_a, grads_b):
-        assert b.abs().max() > 0
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        results.append(loss_scores_grads(model, batch))
+    assert_same_training(*results)
 
 
 def test_shared_lead_counts_what_every_row_starts_with():

@@ -160,58 +160,37 @@ def test_extractive_spans_stay_aligned(name, arch, tiny, squad_file):
     assert model.answer_texts(batch) == ["great"] * len(batch["ids"])
 
 
-def test_generation_and_answer_loss_with_a_shared_prompt_row(tiny, squad_file):
-    """A soft prompt long enough to run as a shared row (40 vectors, batch 4) generates the same
-    answers as the uncached reference and as the prompt in every row, with the same answer loss
-    and gradient."""
-    backbone = tiny("llama")
-    dm = make_qa(backbone, squad_file)
-    batch = next(iter(dm.train_dataloader()))
-    answers, losses, grads = [], [], []
-    for share in (True, False):
-        torch.manual_seed(0)
-        model = SoftPrompt(backbone=backbone, verbalizer=dm.verbalizer, num_virtual_tokens=40, max_new_tokens=4,
-                           share_prompt=share)
-        model.configure_trainable()
-        model.readout.eos_id = -1  # never stop early, so all 4 steps are compared
-        assert (model.feed(batch).prompt_row is not None) is share
-        with torch.no_grad():
-            answers.append(model.readout.generate(model.backbone, model.feed(batch)))
-            assert answers[-1] == greedy_without_cache(model, batch, 4)
-        loss = model.loss(batch)[0]
-        loss.backward()
-        losses.append(loss.detach())
-        grads.append(model.prompt.grad.clone())
-    assert answers[0] == answers[1]
-    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-4)
-    assert grads[1].abs().max() > 0
-    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
-
-
-def test_generation_with_the_leading_template_part_shared(tiny, squad_file, monkeypatch):
-    """P-tuning with slots before the context: the leading slots and the tokens every row starts
-    with run once, in the shared row; generation equals the uncached reference and the per-row
-    prompt, and the answer loss and gradient are the same."""
+@pytest.mark.parametrize("case", ["soft_prompt", "p_tuning_leading_part"])
+def test_generation_and_answer_loss_with_a_shared_prompt_row(case, tiny, squad_file, monkeypatch):
+    """A prompt run as a shared row generates the same answers as the uncached reference and as the
+    prompt in every row, with the same answer loss and gradients: a soft prompt long enough to take
+    the row (40 vectors, batch 4), and P-tuning with slots before the context, whose leading slots
+    and the tokens every row starts with move into the row."""
     from datamodules import QuestionAnsweringDataModule
     from prompt_methods import PTuning, prompt_cache
 
-    monkeypatch.setattr(prompt_cache, "ROW_SAVING", 0.0)
     backbone = tiny("llama")
-    dm = QuestionAnsweringDataModule(task="squad", backbone=backbone, train_file=squad_file, validation_file=squad_file,
-                                     test_file=squad_file, batch_size=4, eval_batch_size=4, max_length=64,
-                                     template="{soft:3} {context} Question: {question} Answer: {mask}")
-    dm.setup()
+    if case == "soft_prompt":
+        dm, make = make_qa(backbone, squad_file), lambda share: SoftPrompt(
+            backbone=backbone, verbalizer=dm.verbalizer, num_virtual_tokens=40, max_new_tokens=4, share_prompt=share)
+    else:
+        monkeypatch.setattr(prompt_cache, "ROW_SAVING", 0.0)  # take the row for any saving, to compare
+        dm = QuestionAnsweringDataModule(task="squad", backbone=backbone, train_file=squad_file, validation_file=squad_file,
+                                         test_file=squad_file, batch_size=4, eval_batch_size=4, max_length=64,
+                                         template="{soft:3} {context} Question: {question} Answer: {mask}")
+        dm.setup()
+        make = lambda share: PTuning(backbone=backbone, verbalizer=dm.verbalizer, num_virtual_tokens=3,  # noqa: E731
+                                     encoder_hidden=16, max_new_tokens=4, share_prompt=share)
     batch = next(iter(dm.train_dataloader()))
     answers, losses, grads = [], [], []
     for share in (True, False):
         torch.manual_seed(0)
-        model = PTuning(backbone=backbone, verbalizer=dm.verbalizer, num_virtual_tokens=3, encoder_hidden=16,
-                        max_new_tokens=4, share_prompt=share)
+        model = make(share)
         model.configure_trainable()
-        model.readout.eos_id = -1
+        model.readout.eos_id = -1  # never stop early, so all 4 steps are compared
         feed = model.feed(batch)
         assert (feed.prompt_row is not None) is share
-        if share:
+        if share and case != "soft_prompt":  # the 3 leading slots and more left the rows
             assert feed.inputs_embeds.size(1) < batch["input_ids"].size(1) - 3
         with torch.no_grad():
             answers.append(model.readout.generate(model.backbone, model.feed(batch)))
@@ -222,5 +201,6 @@ def test_generation_with_the_leading_template_part_shared(tiny, squad_file, monk
         grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
     assert answers[0] == answers[1]
     torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-4)
+    assert grads[1] and all(g.abs().max() > 0 for g in grads[1])
     for a, b in zip(grads[0], grads[1], strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
