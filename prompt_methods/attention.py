@@ -14,8 +14,9 @@ and written by every elementwise op):
 
 Registered with transformers' ``AttentionInterface`` (and the eager mask builder) as ``grouped``;
 ``attn_implementation: auto`` picks it for decoder-only backbones on CPU. A layer that needs what
-the kernel does not do (attention dropout while training, logit soft-capping, attention sinks, a
-head mask, no ``scaling``) runs its model's own eager attention instead.
+the kernel does not do (attention dropout while training, no ``scaling``, a boolean mask, or any
+keyword beyond those eager attention ignores: soft-capping, sinks, a position bias, a head mask)
+runs its model's own eager attention instead.
 """
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 NAME = "grouped"
-#: keyword arguments that change the math; a layer passing one (not None) gets its eager attention
-UNSUPPORTED = ("softcap", "s_aux", "sinks", "head_mask")
+#: keyword arguments that eager attention ignores too (the mask already holds causality, windows and
+#: packing); a layer passing anything else (soft-capping, sinks, a position bias, a head mask, ...)
+#: that is not None gets its model's eager attention
+HARMLESS = frozenset({"position_ids", "use_cache", "output_attentions", "cache_position", "sliding_window", "is_causal",
+                      "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "layer_idx", "return_dict"})
 
 
 def _eager(module):
@@ -45,7 +49,7 @@ def grouped_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
     b, h, t, d = query.shape
     n, s = key.shape[1], key.shape[2]
     if (scaling is None or (dropout and module.training) or h % n
-            or any(kwargs.get(k) is not None for k in UNSUPPORTED)
+            or any(v is not None and k not in HARMLESS for k, v in kwargs.items())
             or (attention_mask is not None and attention_mask.dtype == torch.bool)):
         return _eager(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     g = h // n
@@ -57,7 +61,7 @@ def grouped_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
         in_place = not torch.is_grad_enabled() and mask.dtype == scores.dtype  # else a wider mask dtype wins
         scores = (grouped.add_(mask) if in_place else grouped + mask).view(b, n, g * t, s)
     probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs, value).view(b, h, t, d).transpose(1, 2)
+    out = torch.matmul(probs, value).view(b, h, t, value.size(-1)).transpose(1, 2).contiguous()  # as eager's
     return out, probs.view(b, h, t, s)
 
 

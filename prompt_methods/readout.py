@@ -32,7 +32,9 @@ class Feed:
         answer_pos: (B,) index in T where the answer is read.
         position_ids: (B, T) or None for the backbone's default.
         past_key_values: a transformers Cache holding a prefix, or None.
-        prepended: positions put before the batch's tokens (prompt vectors), so T' = prepended + T.
+        prepended: positions put before the batch's tokens (prompt vectors), so T' = prepended + T;
+            negative where leading tokens moved into a shared prompt row (causal LMs only, whose
+            readouts do not use it; the span head of encoders does).
         prompt_row: a shared prompt run as an extra first row (:class:`~prompt_methods.prompt_cache.PromptRow`)
             whose keys/values the cache puts before every row's; :func:`base_forward` adds it and
             drops it again, so readouts see the B rows only.

@@ -82,8 +82,8 @@ def test_generation_with_grouped_attention(tiny, squad_file):  # noqa: F811
 
 
 def test_grouped_hands_unsupported_layers_to_eager(monkeypatch):
-    """Attention dropout while training, soft-capping, a boolean mask or no scaling: the model's own
-    eager attention runs instead."""
+    """Attention dropout while training, soft-capping, a position bias, a boolean mask or no scaling:
+    the model's own eager attention runs instead; keywords eager ignores too do not send it there."""
     calls = []
     monkeypatch.setattr(attention, "_eager", lambda module: lambda *a, **k: calls.append(k) or "eager")
     q, k = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8)
@@ -97,12 +97,14 @@ def test_grouped_hands_unsupported_layers_to_eager(monkeypatch):
     assert out.shape == (1, 3, 4, 8) and not calls
     assert attention.grouped_attention(layer, q, k, k, mask, scaling=0.3, dropout=0.1) == "eager"
     assert attention.grouped_attention(layer, q, k, k, mask, scaling=0.3, softcap=30.0) == "eager"
+    assert attention.grouped_attention(layer, q, k, k, mask, scaling=0.3, position_bias=mask) == "eager"
     assert attention.grouped_attention(layer, q, k, k, mask.bool(), scaling=0.3) == "eager"
     assert attention.grouped_attention(layer, q, k, k, mask) == "eager"
-    assert len(calls) == 4
+    assert len(calls) == 5
     layer.eval()
     attention.grouped_attention(layer, q, k, k, mask, scaling=0.3, dropout=0.1)  # no dropout at eval
-    assert len(calls) == 4
+    attention.grouped_attention(layer, q, k, k, mask, scaling=0.3, position_ids=None, sliding_window=4, softcap=None)
+    assert len(calls) == 5
 
 
 def test_auto_attention_per_device_and_backbone(tiny, make_data):
@@ -115,3 +117,16 @@ def test_auto_attention_per_device_and_backbone(tiny, make_data):
         model = cls(backbone=tiny(arch), verbalizer=make_data(tiny(arch)).verbalizer, **kwargs)
         model.setup("fit")
         assert model.backbone.config._attn_implementation == expected
+
+
+def test_grouped_value_heads_of_another_size():
+    """Values whose head size differs from the queries' (as in DeepSeek-style attention): the
+    output has the values' head size and equals attention with the key/value heads repeated."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 4)
+    mask = torch.zeros(2, 1, 3, 5)
+    mask[0, :, :, :2] = torch.finfo(torch.float32).min
+    out, _ = attention.grouped_attention(torch.nn.Module(), q, k, v, mask, scaling=0.35)
+    probs = torch.softmax(q @ k.repeat_interleave(2, 1).transpose(2, 3) * 0.35 + mask, -1)
+    assert out.shape == (2, 3, 4, 4) and out.is_contiguous()
+    torch.testing.assert_close(out, (probs @ v.repeat_interleave(2, 1)).transpose(1, 2))
