@@ -213,15 +213,20 @@ def write_row(path: Path, row: dict) -> None:
     atomic_write_text(path, json.dumps(row, indent=1))
 
 
-def run_grid(grid: dict, log=print) -> list[dict]:
-    """Run every unfinished cell; return all rows (finished earlier or now)."""
+def run_grid(grid: dict, log=print, only: dict | None = None) -> list[dict]:
+    """Run every unfinished cell (of those whose task/method/seed is in ``only``'s lists, when given);
+    return all rows of the grid (finished earlier or now). The report covers every finished cell."""
     from benchmarks.report import write_report
 
     out = Path(grid["out"])
     cells = cells_of(grid)
+    grid = {**grid, "planned": len(cells)}
     done = lambda c: (out / "cells" / c["key"] / "row.json").is_file()  # noqa: E731
-    todo = [c for c in cells if not done(c)]
-    log(f"benchmark {grid['name']}: {len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run -> {out}")
+    chosen = [c for c in cells if all(c[key] in values for key, values in (only or {}).items())]
+    todo = [c for c in chosen if not done(c)]
+    part = f" ({len(chosen)} chosen)" if only else ""
+    log(f"benchmark {grid['name']}: {len(cells)} cells{part}, {len(cells) - len(todo) - (len(cells) - len(chosen))} done, "
+        f"{len(todo)} to run -> {out}")
     times = []
     for i, cell in enumerate(todo, 1):
         eta = f", about {sum(times) / len(times) * (len(todo) - i + 1) / 60:.0f} min left" if times else ""
@@ -264,6 +269,9 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="grid config, e.g. configs/benchmark/quick.yaml")
     parser.add_argument("--out", help="output folder (default: the grid's 'out', else outputs/benchmark/<name>)")
+    parser.add_argument("--tasks", nargs="+", help="run only these of the grid's tasks (the table keeps every finished cell)")
+    parser.add_argument("--methods", nargs="+", help="run only these of the grid's methods")
+    parser.add_argument("--seeds", nargs="+", type=int, help="run only these of the grid's seeds")
     parser.add_argument("--cell", help=argparse.SUPPRESS)
     parser.add_argument("--grid-json", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -285,10 +293,18 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
         grid = load_grid(args.config)
     except GridError as err:
         sys.exit(f"error: {err}")
+    only = {}
+    for key, chosen in (("task", args.tasks), ("method", args.methods), ("seed", args.seeds)):
+        if chosen:
+            unknown = [c for c in chosen if c not in grid[key + "s"]]
+            if unknown:
+                sys.exit(f"error: --{key}s {' '.join(map(str, unknown))}: not in the grid's {key}s "
+                         f"({', '.join(map(str, grid[key + 's']))}) in {args.config}")
+            only[key] = chosen
     if args.out:
         grid["out"] = args.out
     grid["out"] = str(Path(grid["out"]).resolve())
-    return run_grid(grid)
+    return run_grid(grid, only=only)
 
 
 if __name__ == "__main__":

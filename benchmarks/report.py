@@ -79,7 +79,8 @@ def markdown(grid: dict, rows: list[dict]) -> str:
         f"{budget.get('steps')} steps x batch {budget.get('batch_size') or 'per config'}"
         + (f", {budget['few_shot_k']} examples per class" if budget.get("few_shot_k") else "")
         + f", scored on the first {budget.get('eval_examples', 256)} test examples; seeds {grid['seeds']}. "
-        f"Score = test metric x 100, mean ± std over seeds. {len(rows)} runs.", "",
+        f"Score = test metric x 100, mean ± std over seeds. {len(rows)} runs"
+        + (f" of the grid's {grid['planned']}." if grid.get("planned", len(rows)) > len(rows) else "."), "",
         "| task | method | impl | metric | score | trainable | train samples/s | eval samples/s | peak MB | checkpoint |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]

@@ -87,6 +87,17 @@ def test_tiny_benchmark_outputs_and_resume(grid_file, tmp_path, monkeypatch, cap
     assert len(rows) == 6
     assert (out / "cells" / "sst2-zero_shot-promptlit-s1" / "row.json").read_text() == before
 
+    # a slice of the grid: only the chosen seed's unfinished cells run; the table keeps every finished cell
+    for seed in (1, 2):
+        (out / "cells" / f"sst2-zero_shot-promptlit-s{seed}" / "row.json").unlink()
+    capsys.readouterr()
+    rows = benchmark.main(["--config", str(grid_file), "--seeds", "1"])
+    log = capsys.readouterr().out
+    assert "(3 chosen)" in log and "2 done, 1 to run" in log and "[1/1] sst2-zero_shot-promptlit-s1" in log
+    assert len(rows) == 5 and "5 runs of the grid's 6." in (out / "table.md").read_text()
+    with pytest.raises(SystemExit, match="--seeds 9: not in the grid's seeds"):
+        benchmark.main(["--config", str(grid_file), "--seeds", "9"])
+
 
 def test_grid_errors_name_the_key(tmp_path):
     bad = tmp_path / "bad.yaml"
