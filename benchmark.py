@@ -225,8 +225,7 @@ def run_grid(grid: dict, log=print, only: dict | None = None) -> list[dict]:
     chosen = [c for c in cells if all(c[key] in values for key, values in (only or {}).items())]
     todo = [c for c in chosen if not done(c)]
     part = f" ({len(chosen)} chosen)" if only else ""
-    log(f"benchmark {grid['name']}: {len(cells)} cells{part}, {len(cells) - len(todo) - (len(cells) - len(chosen))} done, "
-        f"{len(todo)} to run -> {out}")
+    log(f"benchmark {grid['name']}: {len(cells)} cells{part}, {len(chosen) - len(todo)} done, {len(todo)} to run -> {out}")
     times = []
     for i, cell in enumerate(todo, 1):
         eta = f", about {sum(times) / len(times) * (len(todo) - i + 1) / 60:.0f} min left" if times else ""

@@ -78,8 +78,12 @@ class Feeding:
         rows; None where that is not fewer positions (``prompt_row_pays``)."""
         mask, answer, slots = batch["attention_mask"], batch["answer_pos"], batch["soft_index"]
         (B, T), n = mask.shape, before.size(0)
-        k = shared_lead(batch) if "input_ids" in batch else 0
-        k = min(k, max(0, (T - n + 1) // 2))  # the row is max(T - k, n + k) wide: move no more than evens them
+        # rows are max(T - k, n + k) wide: moving more than evens the two out does not pay, and if even
+        # the longest lead worth moving would not pay, the rows need not be compared at all
+        most = max(0, (T - n + 1) // 2) if "input_ids" in batch else 0
+        if n + most == 0 or not prompt_row_pays(B, T - most, n + most):
+            return None
+        k = shared_lead(batch, most) if most else 0
         if n + k == 0 or not prompt_row_pays(B, T - k, n + k):
             return None
         if k:
@@ -119,14 +123,15 @@ def fill_slots(embeds: torch.Tensor, slots: torch.Tensor, prompt: torch.Tensor) 
     return torch.where((slots >= 0).unsqueeze(-1), prompt[slots.clamp(min=0)], embeds)
 
 
-def shared_lead(batch: dict) -> int:
+def shared_lead(batch: dict, limit: int | None = None) -> int:
     """How many leading tokens (and ``{soft}`` slots) every row of a left-padded batch starts with,
-    stopping before the earliest answer position: on a causal LM those positions attend only to
-    each other at the same positions in every row, so their keys/values are the same everywhere."""
+    stopping before the earliest answer position (and at ``limit``): on a causal LM those positions
+    attend only to each other at the same positions in every row, so their keys/values are the same everywhere."""
     ids, mask, slots, answer = batch["input_ids"], batch["attention_mask"], batch["soft_index"], batch["answer_pos"]
     B, T = ids.shape
     start = T - mask.sum(1)
     most = int((answer - start).min()) if B > 1 else 0
+    most = most if limit is None else min(most, limit)
     if most <= 0:
         return 0
     where = start[:, None] + torch.arange(most, device=ids.device)
