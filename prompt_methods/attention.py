@@ -16,7 +16,8 @@ Registered with transformers' ``AttentionInterface`` (and the eager mask builder
 ``attn_implementation: auto`` picks it for decoder-only backbones on CPU. A layer that needs what
 the kernel does not do (attention dropout while training, no ``scaling``, a boolean mask, or any
 keyword beyond those eager attention ignores: soft-capping, sinks, a position bias, a head mask)
-runs its model's own eager attention instead.
+runs its model's own eager attention instead; a GPT-2 layer set to ``reorder_and_upcast_attn`` runs
+the fp32 routine its model runs under eager.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def grouped_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
                       **kwargs):
     """Attention of ``query`` (B, H, T, d) over ``key``/``value`` (B, Hkv, S, d) with an additive
     float mask (B or 1, 1 or H, T, >=S). Returns the output (B, T, H, d) and the probabilities."""
+    if getattr(module, "reorder_and_upcast_attn", False):  # GPT-2 runs this only under "eager"
+        return module._upcast_and_reordered_attn(query, key, value, attention_mask)
     b, h, t, d = query.shape
     n, s = key.shape[1], key.shape[2]
     if (scaling is None or (dropout and module.training) or h % n

@@ -130,3 +130,18 @@ def test_grouped_value_heads_of_another_size():
     probs = torch.softmax(q @ k.repeat_interleave(2, 1).transpose(2, 3) * 0.35 + mask, -1)
     assert out.shape == (2, 3, 4, 4) and out.is_contiguous()
     torch.testing.assert_close(out, (probs @ v.repeat_interleave(2, 1)).transpose(1, 2))
+
+
+def test_gpt2_upcast_layers_keep_their_fp32_attention(tiny, tmp_path):
+    """A GPT-2 config with ``reorder_and_upcast_attn``: under ``grouped`` its bf16 logits are the
+    ones eager gives (the layer's own fp32 routine), not those of a bf16 softmax."""
+    model = AutoModelForCausalLM.from_pretrained(tiny("gpt2"))
+    model.config.reorder_and_upcast_attn = True
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(5, 60, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    eager, grouped, plain = (load(str(tmp_path), impl, torch.bfloat16)(ids, attention_mask=mask).logits
+                             for impl in ("eager", attention.NAME, "sdpa"))
+    torch.testing.assert_close(grouped, eager, atol=0, rtol=0)
+    assert not torch.equal(plain, eager)  # the upcast routine makes a difference in bf16
