@@ -52,6 +52,10 @@ class PromptModule(Feeding, L.LightningModule):
         max_new_tokens: the longest generated answer (tasks with text answers).
         compile: ``torch.compile`` each transformer layer (regional, dynamic shapes) at setup. Pays off
             on long runs only: the first steps wait for the compile (``benchmarks/step_speed.py --compile``).
+        residual_dtype: under autocast (``bf16-mixed``) with a 16-bit backbone, the dtype of the hidden
+            states between its layers: ``float32`` (matmuls still in bf16; the adds and norms in fp32, as
+            autocast over fp32 weights gives) or ``bfloat16`` (a few percent faster on a CPU, noisier
+            prompt gradients: see :meth:`~prompt_methods.feeding.Feeding.stream`).
         share_prompt: on a frozen causal backbone, run prompt vectors placed before the input, and the
             template's leading part that every row starts with, once per batch, in an extra row whose
             keys/values the other rows attend to, where that saves positions
@@ -82,17 +86,19 @@ class PromptModule(Feeding, L.LightningModule):
         max_new_tokens: int = 24,
         compile: bool = False,
         share_prompt: bool = True,
+        residual_dtype: str = "float32",
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["verbalizer", "labels"])
         self.tune_backbone, self.lr, self.weight_decay, self.warmup_ratio = tune_backbone, lr, weight_decay, warmup_ratio
         self.backbone_dtype, self.attn_implementation = backbone_dtype, attn_implementation
+        self.residual_dtype, self.fp32_stream = residual_dtype, False
         self.compile_layers, self._compiled, self.share_prompt = compile, 0, share_prompt
         if readout == "auto" and not verbalizer:  # a task with text answers
             readout = "span" if resolve_kind(backbone, backbone_kind, trust_remote_code) in ("encoder", "mlm") else "generate"
         if not verbalizer and readout not in ("generate", "span"):
             raise ValueError("model.init_args.verbalizer is empty: the CLI links it from the data module's label words")
-        runtime.check_settings(backbone_dtype, attn_implementation)  # fail here, not in setup
+        runtime.check_settings(backbone_dtype, attn_implementation, residual_dtype)  # fail here, not in setup
         self.backbone, self.kind = load_backbone(backbone, backbone_kind, trust_remote_code)
         self.tokenizer = load_tokenizer(backbone, trust_remote_code)
         if len(self.tokenizer) > self.backbone.get_input_embeddings().num_embeddings:
@@ -153,7 +159,12 @@ class PromptModule(Feeding, L.LightningModule):
     def setup(self, stage: str) -> None:
         self.configure_trainable()
         precision = str(getattr(self.trainer, "precision", "32")) if self._trainer is not None else "32"
-        self.backbone.to(runtime.backbone_dtype(self.backbone_dtype, precision, self.tune_backbone))
+        dtype = runtime.backbone_dtype(self.backbone_dtype, precision, self.tune_backbone)
+        self.backbone.to(dtype)
+        # a 16-bit backbone under autocast: fp32 hidden states between its layers (``Feeding.stream``)
+        self.fp32_stream = self.residual_dtype == "float32" and dtype != torch.float32 and precision.endswith("-mixed")
+        if self.fp32_stream:
+            runtime.norms_to_fp32(self.backbone)
         device = self.trainer.strategy.root_device.type if self._trainer is not None else self.device.type
         if hasattr(self.backbone, "set_attn_implementation"):
             self.backbone.set_attn_implementation(runtime.attention(self.attn_implementation, device, self.kind))

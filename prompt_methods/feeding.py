@@ -16,13 +16,27 @@ from prompt_methods.readout import Feed
 
 class Feeding:
     """Mixed into :class:`~prompt_methods.base.PromptModule`; uses its ``backbone``, ``kind``,
-    ``tune_backbone``, ``compile_layers`` and ``share_prompt``."""
+    ``tune_backbone``, ``compile_layers``, ``share_prompt`` and ``fp32_stream``."""
 
     def embed(self, batch: dict) -> torch.Tensor:
         """(B, T, H) token embeddings; a batch may carry ``inputs_embeds`` instead of ids."""
         if "inputs_embeds" in batch:
-            return batch["inputs_embeds"]
-        return self.backbone.get_input_embeddings()(batch["input_ids"])
+            return self.stream(batch["inputs_embeds"])
+        return self.stream(self.backbone.get_input_embeddings()(batch["input_ids"]))
+
+    def stream(self, embeds: torch.Tensor) -> torch.Tensor:
+        """The embeddings in the dtype the backbone's hidden states are carried in between its layers.
+
+        Under autocast a 16-bit backbone (``backbone_dtype: auto`` with ``bf16-mixed``) still runs its
+        matmuls in bf16, but fp32 inputs (and its norms' weights kept in fp32, see ``setup``) keep the
+        residual stream, the adds and norms between the matmuls, in fp32, as autocast over fp32
+        weights would (``residual_dtype: float32``, the default). A bf16 stream rounds what every
+        layer adds to it: the soft prompt's gradient, read at the first positions, then points
+        elsewhere than the fp32 model's (``benchmarks/residual_stream.py``).
+        """
+        if self.fp32_stream and embeds.dtype != torch.float32 and torch.is_autocast_enabled(embeds.device.type):
+            return embeds.float()
+        return embeds
 
     def position_ids(self, attention_mask: torch.Tensor, offset: int = 0) -> torch.Tensor | None:
         """(B, T) positions that skip left padding; None where the backbone has no absolute positions."""

@@ -20,12 +20,16 @@ ATTENTION = ("auto", "eager", "sdpa", _attention.NAME)
 #: the ``torch.compile`` backend for ``compile: true``
 COMPILE_BACKEND = "inductor"
 DTYPES = ("auto", "float32", "bfloat16")
+#: the dtype of the hidden states between a 16-bit backbone's layers under autocast (``Feeding.stream``)
+RESIDUAL_DTYPES = ("float32", "bfloat16")
 
 
-def check_settings(dtype: str, attn: str) -> None:
-    """Refuse an unknown ``backbone_dtype`` or ``attn_implementation``, naming the config key."""
+def check_settings(dtype: str, attn: str, residual: str = "float32") -> None:
+    """Refuse an unknown ``backbone_dtype``, ``attn_implementation`` or ``residual_dtype``, naming the config key."""
     if dtype not in DTYPES:
         raise ValueError(f"model.init_args.backbone_dtype: '{dtype}' is not auto, float32 or bfloat16")
+    if residual not in RESIDUAL_DTYPES:
+        raise ValueError(f"model.init_args.residual_dtype: '{residual}' is not float32 or bfloat16")
     if attn not in ATTENTION:
         raise ValueError(f"model.init_args.attn_implementation: '{attn}' is not one of {', '.join(ATTENTION)}")
 
@@ -36,6 +40,17 @@ def backbone_dtype(setting: str, precision: str, tune_backbone: bool) -> torch.d
     if setting == "bfloat16" or (setting == "auto" and precision.startswith("bf16") and not tune_backbone):
         return torch.bfloat16
     return torch.float32
+
+
+def norms_to_fp32(backbone: nn.Module) -> int:
+    """Keep the norm layers' weights of a 16-bit backbone in fp32, so that an fp32 residual stream
+    stays fp32 through them (``nn.LayerNorm`` on a CPU refuses fp32 inputs with bf16 weights; some
+    RMSNorms, T5's, cast their input to a 16-bit weight's dtype). Norms are the leaf modules whose
+    class name says so. Returns how many."""
+    norms = [m for m in backbone.modules() if "norm" in type(m).__name__.lower() and next(m.children(), None) is None]
+    for module in norms:
+        module.float()
+    return len(norms)
 
 
 def attention(setting: str, device_type: str, kind: str = "causal") -> str:

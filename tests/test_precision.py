@@ -78,3 +78,50 @@ def test_compiled_layers_match_eager(method, backend, tiny, make_data, monkeypat
     assert runtime.repeated_blocks(torch.nn.Linear(2, 2)) is None
     with pytest.raises(ValueError, match="model.init_args.compile"):
         runtime.compile_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+@pytest.mark.parametrize("name", ["soft_prompt", "prefix_tuning", "p_tuning", "hard_prompt_tuned"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("residual", ["float32", "bfloat16"])
+def test_residual_stream_dtype_under_bf16_mixed(name, arch, residual, tiny, make_data):
+    """``bf16-mixed`` with a frozen backbone stored in bf16: its matmuls run in bf16 either way; the
+    hidden states between its layers are fp32 with ``residual_dtype: float32`` (the default) and
+    bf16 with ``bfloat16``. The prompt (soft prompt, prefix keys/values, P-tuning's slots) trains in
+    both. A tuned backbone keeps fp32 weights: its stream is fp32 whatever the setting."""
+    from prompt_methods import runtime
+
+    cls, kwargs = METHODS[name]
+    backbone = tiny(arch)
+    template = "{soft:2} {sentence} {soft:1} It was {mask} ." if name == "p_tuning" else None
+    dm = make_data(backbone, **({"template": template} if template else {}))
+    model = cls(backbone=backbone, verbalizer=dm.verbalizer, residual_dtype=residual, **kwargs)
+    blocks = runtime.repeated_blocks(model.backbone)
+    seen = {"layers": set(), "linear": set()}
+    for block in blocks:
+        block.register_forward_hook(lambda m, i, o: seen["layers"].add((o[0] if isinstance(o, tuple) else o).dtype))
+    linear = next(m for m in blocks[0].modules() if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")
+    linear.register_forward_hook(lambda m, i, o: seen["linear"].add(o.dtype))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()
+              if n.startswith("backbone.") == model.tune_backbone and "readout" not in n}  # what trains
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", fast_dev_run=True, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, datamodule=dm)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    stream = torch.float32 if residual == "float32" or model.tune_backbone else torch.bfloat16
+    assert seen["layers"] == {stream}
+    assert seen["linear"] == {torch.bfloat16}
+    assert model.fp32_stream == (residual == "float32" and not model.tune_backbone)
+    norms = [m for m in model.backbone.modules() if "norm" in type(m).__name__.lower() and next(m.children(), None) is None]
+    assert norms and {p.dtype for m in norms for p in m.parameters()} == {stream}
+    moved = [n for n, p in model.named_parameters() if n in before and not torch.equal(p.detach(), before[n])]
+    assert moved
+
+
+def test_residual_dtype_is_checked(tiny, make_data):
+    from prompt_methods import SoftPrompt
+
+    dm = make_data(tiny("llama"))
+    with pytest.raises(ValueError, match="model.init_args.residual_dtype: 'fp16'"):
+        SoftPrompt(backbone=tiny("llama"), verbalizer=dm.verbalizer, residual_dtype="fp16")
+
+
