@@ -10,7 +10,9 @@ and written by every elementwise op):
 - the scaling multiplies the queries (B x H x T x d) rather than the scores (B x H x T x S);
 - the softmax runs in the scores' dtype. PyTorch's CPU kernel computes in fp32 internally and
   rounds once, so a bf16 result equals the eager "upcast to fp32, softmax, cast back" to within
-  one bf16 step (a few elements in a million differ), without the fp32 copies and their backward.
+  one bf16 step (a few elements in a million differ), without the fp32 copies and their backward;
+- under autocast, fp32 queries, keys, values and mask (an fp32 residual stream, ``residual_dtype``)
+  are cast to the autocast dtype once, so the scores and softmax stay in it.
 
 Registered with transformers' ``AttentionInterface`` (and the eager mask builder) as ``grouped``;
 ``attn_implementation: auto`` picks it for decoder-only backbones on CPU. A layer that needs what
@@ -56,9 +58,14 @@ def grouped_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
             or (attention_mask is not None and attention_mask.dtype == torch.bool)):
         return _eager(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     g = h // n
+    if torch.is_autocast_enabled(query.device.type):  # fp32 queries/keys (an fp32 residual stream): cast once, as
+        low = torch.get_autocast_dtype(query.device.type)  # autocast's matmuls would, before the scaling
+        query, key, value = query.to(low), key.to(low), value.to(low)
     scores = torch.matmul((query * scaling).reshape(b, n, g * t, d), key.transpose(2, 3))  # (B, Hkv, G*T, S)
     if attention_mask is not None:
         mask = attention_mask[:, :, :, :s]
+        if mask.dtype != scores.dtype and mask.dtype.itemsize > scores.dtype.itemsize:  # keep the scores' dtype;
+            mask = mask.to(scores.dtype).clamp_min(torch.finfo(scores.dtype).min)  # fp32's min would round to -inf
         mask = mask.unsqueeze(1) if mask.shape[1] == 1 else mask.reshape(mask.shape[0], n, g, t, s)
         grouped = scores.view(b, n, g, t, s)
         in_place = not torch.is_grad_enabled() and mask.dtype == scores.dtype  # else a wider mask dtype wins

@@ -145,3 +145,22 @@ def test_gpt2_upcast_layers_keep_their_fp32_attention(tiny, tmp_path):
                              for impl in ("eager", attention.NAME, "sdpa"))
     torch.testing.assert_close(grouped, eager, atol=0, rtol=0)
     assert not torch.equal(plain, eager)  # the upcast routine makes a difference in bf16
+
+
+def test_grouped_under_autocast_takes_fp32_queries_and_mask():
+    """An fp32 residual stream hands the kernel fp32 queries/keys (rotary embeddings in fp32) and an
+    fp32 mask under autocast: it casts them to bf16 as autocast's matmuls would, so the scores and
+    softmax stay bf16, and fp32's mask minimum must not round to -inf (a fully masked padding row
+    would turn to NaN and spread through the values). Same output as bf16 inputs with a bf16 mask."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    mask = torch.zeros(2, 1, 5, 5)
+    mask[0, :, :, :2] = torch.finfo(torch.float32).min  # row 0: two padding keys
+    mask[0, :, 0] = torch.finfo(torch.float32).min  # and a query that sees nothing (left padding)
+    bf16_mask = torch.where(mask < 0, torch.finfo(torch.bfloat16).min, 0.0).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, probs = attention.grouped_attention(torch.nn.Module(), q, k, v, mask, scaling=0.35)
+        ref, _ = attention.grouped_attention(torch.nn.Module(), q.bfloat16(), k.bfloat16(), v.bfloat16(), bf16_mask,
+                                             scaling=0.35)
+    assert probs.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
