@@ -88,7 +88,7 @@ def main() -> None:
                 for residual, model in models.items():
                     cos = torch.nn.functional.cosine_similarity(gradient(model, batch, autocast=True), exact, 0).item()
                     row["cosine"][residual].append(round(cos, 4))
-        times = {r: [] for r in models}
+        times = {r: [] for r in residuals}  # with the last init seed's models
         for i in range(args.rounds):
             for residual in (("float32", "bfloat16") if i % 2 == 0 else ("bfloat16", "float32")):
                 model = models[residual]

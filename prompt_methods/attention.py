@@ -64,7 +64,7 @@ def grouped_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
     scores = torch.matmul((query * scaling).reshape(b, n, g * t, d), key.transpose(2, 3))  # (B, Hkv, G*T, S)
     if attention_mask is not None:
         mask = attention_mask[:, :, :, :s]
-        if mask.dtype != scores.dtype and mask.dtype.itemsize > scores.dtype.itemsize:  # keep the scores' dtype;
+        if mask.dtype.itemsize > scores.dtype.itemsize:  # keep the scores' dtype;
             mask = mask.to(scores.dtype).clamp_min(torch.finfo(scores.dtype).min)  # fp32's min would round to -inf
         mask = mask.unsqueeze(1) if mask.shape[1] == 1 else mask.reshape(mask.shape[0], n, g, t, s)
         grouped = scores.view(b, n, g, t, s)

@@ -34,7 +34,7 @@ class Feeding:
         layer adds to it: the soft prompt's gradient, read at the first positions, then points
         elsewhere than the fp32 model's (``benchmarks/residual_stream.py``).
         """
-        if self.fp32_stream and embeds.dtype != torch.float32 and torch.is_autocast_enabled(embeds.device.type):
+        if self.fp32_stream and torch.is_autocast_enabled(embeds.device.type):
             return embeds.float()
         return embeds
 

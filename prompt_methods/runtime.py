@@ -42,15 +42,14 @@ def backbone_dtype(setting: str, precision: str, tune_backbone: bool) -> torch.d
     return torch.float32
 
 
-def norms_to_fp32(backbone: nn.Module) -> int:
+def norms_to_fp32(backbone: nn.Module) -> None:
     """Keep the norm layers' weights of a 16-bit backbone in fp32, so that an fp32 residual stream
     stays fp32 through them (``nn.LayerNorm`` on a CPU refuses fp32 inputs with bf16 weights; some
     RMSNorms, T5's, cast their input to a 16-bit weight's dtype). Norms are the leaf modules whose
-    class name says so. Returns how many."""
-    norms = [m for m in backbone.modules() if "norm" in type(m).__name__.lower() and next(m.children(), None) is None]
-    for module in norms:
-        module.float()
-    return len(norms)
+    class name says so."""
+    for module in backbone.modules():
+        if "norm" in type(module).__name__.lower() and next(module.children(), None) is None:
+            module.float()
 
 
 def attention(setting: str, device_type: str, kind: str = "causal") -> str:
