@@ -40,7 +40,8 @@ def _params(n: float) -> str:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """One entry per (task, method, impl): mean and std over seeds of every number."""
+    """One entry per (task, method, impl): mean and std over seeds of every number, and the score's
+    median and worst seed (a 100-step run can land far below the others; the mean alone hides which)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
         groups[(row["task"], row["method"], row["impl"])].append(row)
@@ -50,6 +51,9 @@ def summarize(rows: list[dict]) -> list[dict]:
         for col in ("value", "trainable_params", "train_samples_per_s", "eval_samples_per_s", "peak_mem_mb",
                     "checkpoint_bytes", "wall_s"):
             entry[col], entry[col + "_std"] = _mean_std([float(r[col]) for r in group])
+        scores = [float(r["value"]) for r in group if float(r["value"]) == float(r["value"])]
+        entry["value_median"] = statistics.median(scores) if scores else float("nan")
+        entry["value_min"] = min(scores) if scores else float("nan")
         out.append(entry)
     return out
 
@@ -66,7 +70,8 @@ def peft_ratios(summary: list[dict]) -> list[dict]:
                     "throughput_ratio": ours["train_samples_per_s"] / peer["train_samples_per_s"],
                     "eval_throughput_ratio": ours["eval_samples_per_s"] / peer["eval_samples_per_s"],
                     "peak_mem_ratio": ours["peak_mem_mb"] / peer["peak_mem_mb"],
-                    "value_diff": ours["value"] - peer["value"]})
+                    "value_diff": ours["value"] - peer["value"],
+                    "value_median_diff": ours["value_median"] - peer["value_median"]})
     return out
 
 
@@ -79,25 +84,25 @@ def markdown(grid: dict, rows: list[dict]) -> str:
         f"{budget.get('steps')} steps x batch {budget.get('batch_size') or 'per config'}"
         + (f", {budget['few_shot_k']} examples per class" if budget.get("few_shot_k") else "")
         + f", scored on the first {budget.get('eval_examples', 256)} test examples; seeds {grid['seeds']}. "
-        f"Score = test metric x 100, mean ± std over seeds. {len(rows)} runs"
+        f"Score = test metric x 100, mean ± std over seeds; median and worst seed beside it. {len(rows)} runs"
         + (f" of the grid's {grid['planned']}." if grid.get("planned", len(rows)) > len(rows) else "."), "",
-        "| task | method | impl | metric | score | trainable | train samples/s | eval samples/s | peak MB | checkpoint |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| task | method | impl | metric | score | median | worst | trainable | train samples/s | eval samples/s | peak MB | checkpoint |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in sorted(summary, key=lambda s: (s["task"], s["method"], s["impl"])):
         lines.append(
             f"| {s['task']} | {s['method']} | {s['impl']} | {s['metric']} | {100 * s['value']:.1f} ± {100 * s['value_std']:.1f} "
-            f"| {_params(s['trainable_params'])} | {s['train_samples_per_s']:.2f} | {s['eval_samples_per_s']:.2f} "
+            f"| {100 * s['value_median']:.1f} | {100 * s['value_min']:.1f} | {_params(s['trainable_params'])} | {s['train_samples_per_s']:.2f} | {s['eval_samples_per_s']:.2f} "
             f"| {s['peak_mem_mb']:.0f} | {_size(s['checkpoint_bytes'])} |"
         )
     ratios = peft_ratios(summary)
     if ratios:
         lines += ["", "## promptlit vs PEFT", "",
-                  "| task | method | train throughput (ours/PEFT) | eval throughput (ours/PEFT) | peak memory (ours/PEFT) | score diff (ours − PEFT) |",
-                  "|---|---|---|---|---|---|"]
+                  "| task | method | train throughput (ours/PEFT) | eval throughput (ours/PEFT) | peak memory (ours/PEFT) | score diff (ours − PEFT) | median diff |",
+                  "|---|---|---|---|---|---|---|"]
         for r in sorted(ratios, key=lambda r: (r["task"], r["method"])):
             lines.append(f"| {r['task']} | {r['method']} | {r['throughput_ratio']:.2f}x | {r['eval_throughput_ratio']:.2f}x "
-                         f"| {r['peak_mem_ratio']:.2f}x | {100 * r['value_diff']:+.1f} |")
+                         f"| {r['peak_mem_ratio']:.2f}x | {100 * r['value_diff']:+.1f} | {100 * r['value_median_diff']:+.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -167,7 +172,8 @@ def wandb_summary(grid: dict, rows: list[dict], out: Path) -> None:
                      mode="offline" if "WANDB_API_KEY" not in os.environ else None, reinit="finish_previous")
     table = wandb.Table(columns=COLUMNS, data=[[r[c] for c in COLUMNS] for r in rows])
     summary = summarize(rows)
-    cols = ["task", "method", "impl", "metric", "seeds", "value", "value_std", "train_samples_per_s", "peak_mem_mb"]
+    cols = ["task", "method", "impl", "metric", "seeds", "value", "value_std", "value_median", "value_min",
+            "train_samples_per_s", "peak_mem_mb"]
     mean_table = wandb.Table(columns=cols, data=[[s[c] for c in cols] for s in summary])
     run.log({"results": table, "summary": mean_table})
     for r in peft_ratios(summary):

@@ -132,3 +132,23 @@ def test_peft_peer_runs_beside_each_seed():
                          ("sst2", "soft_prompt", "promptlit", 2), ("sst2", "soft_prompt", "peft", 2)]
     assert len(order) == 4 + 2 + 2 + 2 and not any(t == "squad" and i == "peft" for t, _, i, _ in order)
     assert len({c["key"] for c in benchmark.cells_of(grid)}) == len(order)
+
+
+def test_table_shows_median_and_worst_seed():
+    """One seed far below the others drags the mean; the table and the PEFT comparison also show the
+    median and the worst seed, so a reader can tell a collapsed run from a method that is worse."""
+    from benchmarks.report import markdown, summarize
+
+    def row(impl, seed, value):
+        return {"task": "sst2", "method": "soft_prompt", "impl": impl, "seed": seed, "metric": "acc", "value": value,
+                "trainable_params": 100, "total_params": 1000, "train_samples_per_s": 10.0 if impl == "peft" else 15.0,
+                "eval_samples_per_s": 20.0, "peak_mem_mb": 500.0, "wall_s": 60.0, "checkpoint_bytes": 4096}
+
+    rows = [row("promptlit", s, v) for s, v in ((1, 0.84), (2, 0.66), (3, 0.82))]
+    rows += [row("peft", s, v) for s, v in ((1, 0.83), (2, 0.86), (3, 0.84))]
+    ours = next(s for s in summarize(rows) if s["impl"] == "promptlit")
+    assert ours["value_median"] == 0.82 and ours["value_min"] == 0.66
+    md = markdown({"name": "t", "seeds": [1, 2, 3], "budget": {"steps": 10}}, rows)
+    assert "| sst2 | soft_prompt | promptlit | acc | 77.3 ± 9.9 | 82.0 | 66.0 |" in md
+    assert "| sst2 | soft_prompt | peft | acc | 84.3 ± 1.5 | 84.0 | 83.0 |" in md
+    assert "| 1.50x | 1.00x | 1.00x | -7.0 | -2.0 |" in md  # mean diff, then median diff
