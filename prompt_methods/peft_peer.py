@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from prompt_methods.backbone import resolve
 from prompt_methods.base import PromptModule
 from prompt_methods.readout import CausalLabelWords
+from prompt_methods.soft_prompt import vocab_rows
 
 PEER_METHODS = ("soft_prompt", "prefix_tuning", "p_tuning")
 
@@ -61,6 +62,11 @@ class PeftPeer(PromptModule):
         init: soft prompt init, ``vocab`` / ``random`` / ``text`` (PEFT's SAMPLE_VOCAB / RANDOM / TEXT);
             PEFT's prefix is always random.
         init_text: text for ``init: text``.
+        init_seed, init_vocab_ids: as :class:`~prompt_methods.SoftPrompt`'s, for ``same_init``.
+        same_init: with ``init: vocab``, start PEFT's soft prompt from the very prompt promptlit's
+            ``SoftPrompt`` draws for the same seed (the same vocabulary rows), so that the two runs
+            differ in implementation only; ``false`` keeps PEFT's own SAMPLE_VOCAB draw (another
+            sample from the same distribution). A 100-step run's outcome can hang on the draw.
         encoder, encoder_hidden: P-tuning encoder (PEFT's LSTM or MLP reparameterization).
         reparameterize, mlp_hidden: prefix tuning's MLP (PEFT's ``prefix_projection``).
         **kwargs: the rest of :class:`PromptModule`.
@@ -69,7 +75,8 @@ class PeftPeer(PromptModule):
     method_params = ("peft_model",)
 
     def __init__(self, peft_method: str = "soft_prompt", num_virtual_tokens: int = 20, init: str = "vocab",
-                 init_text: str | None = None, encoder: str = "lstm", encoder_hidden: int = 256,
+                 init_text: str | None = None, init_seed: int | None = None, init_vocab_ids: int | None = None,
+                 same_init: bool = True, encoder: str = "lstm", encoder_hidden: int = 256,
                  reparameterize: bool = False, mlp_hidden: int = 512, backbone_dtype: str = "float32",
                  attn_implementation: str = "sdpa", **kwargs):
         super().__init__(backbone_dtype=backbone_dtype, attn_implementation=attn_implementation, **kwargs)
@@ -82,6 +89,11 @@ class PeftPeer(PromptModule):
         import peft
 
         self.peft_model = peft.get_peft_model(self.backbone, cfg)
+        if peft_method == "soft_prompt" and init == "vocab" and same_init:
+            table = self.backbone.get_input_embeddings().weight.detach().float()
+            weight = self.peft_model.prompt_encoder["default"].embedding.weight
+            with torch.no_grad():
+                weight.copy_(vocab_rows(table, num_virtual_tokens, init_seed, init_vocab_ids))
 
     def feed(self, batch):  # PEFT feeds the backbone itself; a template slot has nowhere to go
         raise NotImplementedError

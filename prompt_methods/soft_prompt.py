@@ -15,6 +15,17 @@ from prompt_methods.peft_format import check_adapter, read_adapter
 INITS = ("random", "vocab", "text")
 
 
+def vocab_rows(table: torch.Tensor, n: int, seed: int | None, vocab_ids: int | None) -> torch.Tensor:
+    """``init: vocab``: the embeddings (``table``, V x H) of ``n`` token ids drawn uniformly from the
+    vocabulary (or its ``vocab_ids`` lowest ids) by a generator seeded with ``seed`` (by default the
+    run's seed). The PEFT peer draws its soft prompt here too, so both start from the same prompt."""
+    if vocab_ids is not None and vocab_ids < 1:
+        raise ValueError("model.init_args.init_vocab_ids must be at least 1, or null for the whole vocabulary")
+    gen = torch.Generator().manual_seed(torch.initial_seed() if seed is None else seed)
+    high = table.size(0) if vocab_ids is None else min(vocab_ids, table.size(0))
+    return table[torch.randint(0, high, (n,), generator=gen)].clone()
+
+
 class SoftPrompt(PromptModule):
     """N learned prompt vectors, before the input or at the template's ``{soft}`` slots.
 
@@ -53,15 +64,11 @@ class SoftPrompt(PromptModule):
         if init == "text" and not init_text:
             raise ValueError("model.init_args.init_text is required with init: text")
         table = self.backbone.get_input_embeddings().weight.detach().float()  # (V, H)
-        gen = torch.Generator().manual_seed(torch.initial_seed() if init_seed is None else init_seed)
         if init == "random":
+            gen = torch.Generator().manual_seed(torch.initial_seed() if init_seed is None else init_seed)
             vectors = torch.randn(num_virtual_tokens, table.size(1), generator=gen) * table.std()
         elif init == "vocab":
-            if init_vocab_ids is not None and init_vocab_ids < 1:
-                raise ValueError("model.init_args.init_vocab_ids must be at least 1, or null for the whole vocabulary")
-            high = table.size(0) if init_vocab_ids is None else min(init_vocab_ids, table.size(0))
-            ids = torch.randint(0, high, (num_virtual_tokens,), generator=gen)
-            vectors = table[ids]
+            vectors = vocab_rows(table, num_virtual_tokens, init_seed, init_vocab_ids)
         else:
             ids = self.tokenizer(init_text, add_special_tokens=False)["input_ids"]
             vectors = table[torch.tensor(ids).repeat(num_virtual_tokens // len(ids) + 1)[:num_virtual_tokens]]

@@ -123,3 +123,29 @@ def test_adapter_errors_name_the_key(tiny, tmp_path):
     save_file({"prompt_embeddings": torch.zeros(2, soft.hidden_size + 1)}, str(tmp_path / "soft" / "adapter_model.safetensors"))
     with pytest.raises(AdapterError, match=r"shape \(2, 33\).*another backbone"):  # another backbone's width
         SoftPrompt(backbone=path, verbalizer=VERB, adapter=str(tmp_path / "soft"))
+
+
+def test_peft_peer_starts_from_our_soft_prompt(tiny):
+    """The benchmark's PEFT soft prompt starts from the prompt promptlit's SoftPrompt draws for the same
+    seed (same vocabulary rows), so the pair differs in implementation only; same_init: false keeps
+    PEFT's own draw."""
+    from lightning.pytorch import seed_everything
+
+    from prompt_methods.peft_peer import PeftPeer
+
+    path = tiny("llama")
+    start = {}
+    for name, make in (("ours", lambda: SoftPrompt(backbone=path, verbalizer=VERB, num_virtual_tokens=5)),
+                       ("peft", lambda: PeftPeer(backbone=path, verbalizer=VERB, num_virtual_tokens=5)),
+                       ("peft_own", lambda: PeftPeer(backbone=path, verbalizer=VERB, num_virtual_tokens=5, same_init=False)),
+                       ("ours_7", lambda: SoftPrompt(backbone=path, verbalizer=VERB, num_virtual_tokens=5, init_seed=7)),
+                       ("peft_7", lambda: PeftPeer(backbone=path, verbalizer=VERB, num_virtual_tokens=5, init_seed=7))):
+        seed_everything(3)
+        module = make()
+        start[name] = (module.prompt if name.startswith("ours") else
+                       module.peft_model.prompt_encoder["default"].embedding.weight).detach().float().clone()
+    assert start["ours"].shape == (5, start["ours"].size(1))
+    torch.testing.assert_close(start["peft"], start["ours"])
+    torch.testing.assert_close(start["peft_7"], start["ours_7"])
+    assert not torch.equal(start["ours_7"], start["ours"])
+    assert not torch.equal(start["peft_own"], start["ours"])
