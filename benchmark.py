@@ -39,8 +39,8 @@ METHODS = {
     "fine_tuning": ("fine_tuning", "fit", {}),
 }
 PEFT_METHODS = ("soft_prompt", "prefix_tuning", "p_tuning")
-PEFT_KEYS = ("num_virtual_tokens", "lr", "weight_decay", "warmup_ratio", "init", "init_text", "init_seed", "init_vocab_ids", "encoder",
-             "encoder_hidden", "reparameterize", "mlp_hidden", "backbone", "precision")
+PEFT_KEYS = ("num_virtual_tokens", "lr", "weight_decay", "warmup_ratio", "init", "init_text", "init_seed",
+             "init_vocab_ids", "encoder", "encoder_hidden", "reparameterize", "mlp_hidden", "backbone", "precision")
 GRID_KEYS = {"name", "backbone", "tasks", "methods", "peft", "seeds", "budget", "precision", "overrides",
              "configs", "out", "isolate", "keep_checkpoints", "wandb_project"}
 BUDGET_KEYS = {"steps", "batch_size", "few_shot_k", "val_examples", "eval_examples"}

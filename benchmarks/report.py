@@ -86,13 +86,15 @@ def markdown(grid: dict, rows: list[dict]) -> str:
         + f", scored on the first {budget.get('eval_examples', 256)} test examples; seeds {grid['seeds']}. "
         f"Score = test metric x 100, mean ± std over seeds; median and worst seed beside it. {len(rows)} runs"
         + (f" of the grid's {grid['planned']}." if grid.get("planned", len(rows)) > len(rows) else "."), "",
-        "| task | method | impl | metric | score | median | worst | trainable | train samples/s | eval samples/s | peak MB | checkpoint |",
+        "| task | method | impl | metric | score | median | worst | trainable | train samples/s | eval samples/s "
+        "| peak MB | checkpoint |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in sorted(summary, key=lambda s: (s["task"], s["method"], s["impl"])):
         lines.append(
             f"| {s['task']} | {s['method']} | {s['impl']} | {s['metric']} | {100 * s['value']:.1f} ± {100 * s['value_std']:.1f} "
-            f"| {100 * s['value_median']:.1f} | {100 * s['value_min']:.1f} | {_params(s['trainable_params'])} | {s['train_samples_per_s']:.2f} | {s['eval_samples_per_s']:.2f} "
+            f"| {100 * s['value_median']:.1f} | {100 * s['value_min']:.1f} | {_params(s['trainable_params'])} "
+            f"| {s['train_samples_per_s']:.2f} | {s['eval_samples_per_s']:.2f} "
             f"| {s['peak_mem_mb']:.0f} | {_size(s['checkpoint_bytes'])} |"
         )
     ratios = peft_ratios(summary)

@@ -137,7 +137,8 @@ def test_peft_peer_starts_from_our_soft_prompt(tiny):
     start = {}
     for name, make in (("ours", lambda: SoftPrompt(backbone=path, verbalizer=VERB, num_virtual_tokens=5)),
                        ("peft", lambda: PeftPeer(backbone=path, verbalizer=VERB, num_virtual_tokens=5)),
-                       ("peft_own", lambda: PeftPeer(backbone=path, verbalizer=VERB, num_virtual_tokens=5, same_init=False)),
+                       ("peft_own", lambda: PeftPeer(backbone=path, verbalizer=VERB, num_virtual_tokens=5,
+                                                     same_init=False)),
                        ("ours_7", lambda: SoftPrompt(backbone=path, verbalizer=VERB, num_virtual_tokens=5, init_seed=7)),
                        ("peft_7", lambda: PeftPeer(backbone=path, verbalizer=VERB, num_virtual_tokens=5, init_seed=7))):
         seed_everything(3)
