@@ -4,7 +4,8 @@
 
 Setups: ``fp32`` (32-true), ``bf16-autocast`` (fp32 weights under bf16 autocast, what plain
 ``bf16-mixed`` does), ``bf16-weights`` (frozen backbone stored in bf16 under autocast: what
-``backbone_dtype: auto`` picks with ``bf16-mixed``), ``bf16-pure`` (bf16 weights, no autocast: activations stay bf16, method parameters
+``backbone_dtype: auto`` picks with ``bf16-mixed``, with the fp32 residual stream of
+``residual_dtype: float32``; results recorded before it came to this script had a bf16 stream), ``bf16-pure`` (bf16 weights, no autocast: activations stay bf16, method parameters
 fp32 and cast on use), each with eager or sdpa attention; ``--compile`` compiles each layer first
 (``model.init_args.compile``; ``train_first_s`` then includes the compile). ``--profile N`` prints the N costliest
 operators of a train step (torch.profiler, CPU time).
@@ -42,6 +43,9 @@ def measure(task: str, method: str, setup: str, attn: str, batch: dict, verbaliz
     model.configure_trainable()
     if setup in ("bf16-weights", "bf16-pure") and not model.tune_backbone:
         model.backbone.to(torch.bfloat16)
+        if setup == "bf16-weights" and model.residual_dtype == "float32":  # as PromptModule.setup under bf16-mixed
+            model.fp32_stream = True
+            runtime.norms_to_fp32(model.backbone)
     model.backbone.set_attn_implementation(attn)
     if compile_layers:
         runtime.compile_blocks(model.backbone, attention=model.compile_attention)
