@@ -20,8 +20,12 @@ COLUMNS = ["task", "method", "impl", "seed", "metric", "value", "trainable_param
            "train_samples_per_s", "eval_samples_per_s", "peak_mem_mb", "wall_s", "checkpoint_bytes"]
 
 
+def _numbers(values: list[float]) -> list[float]:
+    return [v for v in values if v == v]  # drop NaN
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if v == v]  # drop NaN
+    values = _numbers(values)
     if not values:
         return float("nan"), float("nan")
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
@@ -51,7 +55,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         for col in ("value", "trainable_params", "train_samples_per_s", "eval_samples_per_s", "peak_mem_mb",
                     "checkpoint_bytes", "wall_s"):
             entry[col], entry[col + "_std"] = _mean_std([float(r[col]) for r in group])
-        scores = [float(r["value"]) for r in group if float(r["value"]) == float(r["value"])]
+        scores = _numbers([float(r["value"]) for r in group])
         entry["value_median"] = statistics.median(scores) if scores else float("nan")
         entry["value_min"] = min(scores) if scores else float("nan")
         out.append(entry)

@@ -43,9 +43,8 @@ def measure(task: str, method: str, setup: str, attn: str, batch: dict, verbaliz
     model.configure_trainable()
     if setup in ("bf16-weights", "bf16-pure") and not model.tune_backbone:
         model.backbone.to(torch.bfloat16)
-        if setup == "bf16-weights" and model.residual_dtype == "float32":  # as PromptModule.setup under bf16-mixed
-            model.fp32_stream = True
-            runtime.norms_to_fp32(model.backbone)
+        if setup == "bf16-weights":  # as PromptModule.setup under bf16-mixed
+            model.choose_residual_stream(torch.bfloat16, "bf16-mixed")
     model.backbone.set_attn_implementation(attn)
     if compile_layers:
         runtime.compile_blocks(model.backbone, attention=model.compile_attention)

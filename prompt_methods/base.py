@@ -161,15 +161,19 @@ class PromptModule(Feeding, L.LightningModule):
         precision = str(getattr(self.trainer, "precision", "32")) if self._trainer is not None else "32"
         dtype = runtime.backbone_dtype(self.backbone_dtype, precision, self.tune_backbone)
         self.backbone.to(dtype)
-        # a 16-bit backbone under autocast: fp32 hidden states between its layers (``Feeding.stream``)
-        self.fp32_stream = self.residual_dtype == "float32" and dtype != torch.float32 and precision.endswith("-mixed")
-        if self.fp32_stream:
-            runtime.norms_to_fp32(self.backbone)
+        self.choose_residual_stream(dtype, precision)
         device = self.trainer.strategy.root_device.type if self._trainer is not None else self.device.type
         if hasattr(self.backbone, "set_attn_implementation"):
             self.backbone.set_attn_implementation(runtime.attention(self.attn_implementation, device, self.kind))
         if self.compile_layers and not self._compiled:
             self._compiled = runtime.compile_blocks(self.backbone, attention=self.compile_attention)
+
+    def choose_residual_stream(self, dtype: torch.dtype, precision: str) -> None:
+        """A 16-bit backbone under autocast keeps fp32 hidden states between its layers (``Feeding.stream``)
+        and fp32 norms, when ``residual_dtype`` is float32."""
+        self.fp32_stream = self.residual_dtype == "float32" and dtype != torch.float32 and precision.endswith("-mixed")
+        if self.fp32_stream:
+            runtime.norms_to_fp32(self.backbone)
 
     def on_fit_start(self) -> None:
         trainable, total = count_params(self)
