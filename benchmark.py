@@ -248,7 +248,7 @@ def run_grid(grid: dict, log=print, only: dict | None = None) -> list[dict]:
         if row_path.is_file():
             row = json.loads(row_path.read_text())
             log(f"  {row['metric']} {row['value']:.4f}, {row['train_samples_per_s']:.2f} train samples/s, "
-                f"{row['peak_mem_mb']:.0f} MB peak, {row['wall_s']:.0f} s")
+                f"{row['peak_mem_mb']:.0f} MiB peak, {row['wall_s']:.0f} s")
         write_report(grid, collect(out, cells))
     rows = collect(out, cells)
     write_report(grid, rows, summary_run=True)

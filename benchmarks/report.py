@@ -32,8 +32,8 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return ""
@@ -91,7 +91,7 @@ def markdown(grid: dict, rows: list[dict]) -> str:
         f"Score = test metric x 100, mean ± std over seeds; median and worst seed beside it. {len(rows)} runs"
         + (f" of the grid's {grid['planned']}." if grid.get("planned", len(rows)) > len(rows) else "."), "",
         "| task | method | impl | metric | score | median | worst | trainable | train samples/s | eval samples/s "
-        "| peak MB | checkpoint |",
+        "| peak MiB | checkpoint |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in sorted(summary, key=lambda s: (s["task"], s["method"], s["impl"])):

@@ -152,3 +152,4 @@ def test_table_shows_median_and_worst_seed():
     assert "| sst2 | soft_prompt | promptlit | acc | 77.3 ± 9.9 | 82.0 | 66.0 |" in md
     assert "| sst2 | soft_prompt | peft | acc | 84.3 ± 1.5 | 84.0 | 83.0 |" in md
     assert "| 1.50x | 1.00x | 1.00x | -7.0 | -2.0 |" in md  # mean diff, then median diff
+    assert "| peak MiB | checkpoint |" in md and "| 500 | 4.0 KiB |" in md  # sizes in units of 1024 bytes
