@@ -136,7 +136,8 @@ def cell_config(grid: dict, cell: dict, cell_dir: Path) -> tuple[dict, str]:
             data["template"] = re.sub(r"\s*\{soft(:\d+)?\}", "", data["template"]).strip()
     trainer = cfg.setdefault("trainer", {})
     trainer.update({
-        "max_steps": budget["steps"], "val_check_interval": budget["steps"], "enable_progress_bar": False,
+        "max_steps": budget["steps"], "val_check_interval": budget["steps"], "check_val_every_n_epoch": None,
+        "enable_progress_bar": False,
         "limit_val_batches": max(1, math.ceil(budget.get("val_examples", 64) / eval_bs)),
         "logger": {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {
             "project": grid.get("wandb_project", "promptlit"), "save_dir": str(cell_dir), "group": grid["name"],
@@ -175,13 +176,15 @@ def run_cell(grid: dict, cell: dict, out: Path) -> dict:
     start = time.perf_counter()
     cli = train.main([sub, "--config", str(cfg_path)])
     trainer = cli.trainer
+    scalars = lambda: {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}  # noqa: E731
+    fitted = scalars()  # test() resets the logged metrics, the validation score among them
     if sub == "fit":  # the final weights, no checkpoint selection
         trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
     wall = time.perf_counter() - start
     cb = {type(c).__name__: c for c in trainer.callbacks}
     speed = cb["Throughput"].summary() if isinstance(cb.get("Throughput"), Throughput) else {}
     peak = cb["PeakMemory"].measure(trainer) if isinstance(cb.get("PeakMemory"), PeakMemory) else float("nan")
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    metrics = {**fitted, **scalars()}
     ckpts = sorted((cell_dir / "checkpoints").glob("*.ckpt"))
     ckpt_bytes = ckpts[0].stat().st_size if ckpts else 0
     if not grid.get("keep_checkpoints", False):
@@ -207,6 +210,37 @@ def run_cell(grid: dict, cell: dict, out: Path) -> dict:
     return row
 
 
+#: config keys holding the cell's own folder, which may move with the output folder
+PATH_KEYS = frozenset({"save_dir", "dirpath"})
+
+
+def _first_difference(old, new, key: str = "") -> str | None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new), key=str):
+            if k in PATH_KEYS:
+                continue
+            at = f"{key}.{k}" if key else str(k)
+            if k not in old or k not in new:
+                return f"{at}: {old.get(k, '(unset)')!r} then, {new.get(k, '(unset)')!r} now"
+            found = _first_difference(old[k], new[k], at)
+            if found:
+                return found
+        return None
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return next((d for i, (a, b) in enumerate(zip(old, new)) if (d := _first_difference(a, b, f"{key}[{i}]"))), None)
+    return None if old == new else f"{key}: {old!r} then, {new!r} now"
+
+
+def config_change(grid: dict, cell: dict, out: Path) -> str | None:
+    """How a finished cell's recorded config differs from the one the grid gives it now (the first
+    differing key), or None. A cell without a recorded config counts as unchanged."""
+    path = out / "cells" / cell["key"] / "config.yaml"
+    if not path.is_file():
+        return None
+    now, _ = cell_config(grid, cell, path.parent)
+    return _first_difference(yaml.safe_load(path.read_text()), yaml.safe_load(yaml.safe_dump(now, sort_keys=False)))
+
+
 def write_row(path: Path, row: dict) -> None:
     from prompt_methods.callbacks import atomic_write_text
 
@@ -224,6 +258,13 @@ def run_grid(grid: dict, log=print, only: dict | None = None) -> list[dict]:
     done = lambda c: (out / "cells" / c["key"] / "row.json").is_file()  # noqa: E731
     chosen = [c for c in cells if all(c[key] in values for key, values in (only or {}).items())]
     todo = [c for c in chosen if not done(c)]
+    stale = [(c["key"], diff) for c in chosen if done(c) and (diff := config_change(grid, c, out))]
+    if stale:
+        key, diff = stale[0]
+        raise SystemExit(
+            f"error: {len(stale)} finished cell(s) in {out} ran with another config than {grid['name']} gives now, "
+            f"so resuming would mix two experiments in one table (first: {key}, {diff}). Run into a new --out "
+            f"folder, or delete those cells' folders under {out / 'cells'} to run them again here.")
     part = f" ({len(chosen)} chosen)" if only else ""
     log(f"benchmark {grid['name']}: {len(cells)} cells{part}, {len(chosen) - len(todo)} done, {len(todo)} to run -> {out}")
     times = []

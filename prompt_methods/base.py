@@ -115,8 +115,10 @@ class PromptModule(Feeding, L.LightningModule):
             else:
                 self.readout = build_readout(readout, self.kind, self.backbone, verbalizer, length_norm, info)
         except ValueError as err:
-            raise BackboneError(f"model.init_args.readout: {err}") from None
+            key = "model.init_args.readout"
+            raise BackboneError(str(err) if str(err).startswith(key) else f"{key}: {err}") from None
         self.text_answers = isinstance(self.readout, (Generator, SpanHead))
+        self.head_trained = not isinstance(self.readout, (ClassificationHead, SpanHead))  # a new head starts random
         self.num_labels = max(1, len(verbalizer))
         if metric not in METRICS:
             raise ValueError(f"model.init_args.metric: '{metric}' is not one of {', '.join(METRICS)}")
@@ -175,7 +177,20 @@ class PromptModule(Feeding, L.LightningModule):
         if self.fp32_stream:
             runtime.norms_to_fp32(self.backbone)
 
+    def _refuse_untrained_head(self) -> None:
+        """validate/test/predict with a new, never trained head would report a random model's scores."""
+        if self.head_trained:
+            return
+        raise ValueError(
+            f"model.init_args.readout: {type(self).__name__} reads this {self.kind} backbone out through a new "
+            f"{type(self.readout).__name__} (the backbone has no LM head to score label words with), and that head is "
+            f"untrained: {self.trainer.state.fn.value} needs a fitted run's checkpoint (--ckpt_path), or a backbone with an LM head"
+        )
+
+    on_validation_start = on_test_start = on_predict_start = _refuse_untrained_head
+
     def on_fit_start(self) -> None:
+        self.head_trained = True
         trainable, total = count_params(self)
         for logger in self.loggers:
             logger.log_metrics({"params/trainable": trainable, "params/total": total}, step=0)
@@ -265,3 +280,4 @@ class PromptModule(Feeding, L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_compatible(self, checkpoint)
+        self.head_trained = True

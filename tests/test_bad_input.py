@@ -92,15 +92,35 @@ def test_max_length_shorter_than_template(tiny, family_files, tmp_path, monkeypa
     fails(args, "fit", monkeypatch, tmp_path, ValueError, "data.init_args.max_length")
 
 
-def test_lm_head_method_on_encoder_only_backbone(tiny, family_files, tmp_path, monkeypatch):
+def plain_encoder(tiny, folder):
+    """A BERT encoder without an MLM head (as the packaged MiniLM)."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    enc = tmp_path / "encoder"
     BertModel(BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                         intermediate_size=64)).save_pretrained(enc)
-    AutoTokenizer.from_pretrained(tiny("bert")).save_pretrained(enc)
-    args = base(tiny, family_files["sst2"], tmp_path, backbone=str(enc)) + ["--model.init_args.readout", "label_words"]
-    fails(args, "fit", monkeypatch, tmp_path, ValueError, "model.init_args.readout: label_words needs a backbone with an LM head")
+                         intermediate_size=64)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny("bert")).save_pretrained(folder)
+    return str(folder)
+
+
+def test_lm_head_method_on_encoder_only_backbone(tiny, family_files, tmp_path, monkeypatch):
+    enc = plain_encoder(tiny, tmp_path / "encoder")
+    args = base(tiny, family_files["sst2"], tmp_path, backbone=enc) + ["--model.init_args.readout", "label_words"]
+    with pytest.raises(ValueError) as err:
+        run_cli(args, "fit", monkeypatch)
+    assert str(err.value).startswith("model.init_args.readout: label_words needs a backbone with an LM head")
+    assert str(err.value).count("model.init_args.readout") == 1
+
+
+@pytest.mark.parametrize("sub", ["test", "validate"])
+def test_untrained_head_is_not_scored(tiny, family_files, tmp_path, monkeypatch, sub):
+    """A zero-shot hard prompt on an encoder without an LM head would score a new, random head."""
+    enc = plain_encoder(tiny, tmp_path / "encoder")
+    args = base(tiny, family_files["sst2"], tmp_path, "configs/sst2/hard_prompt.yaml", backbone=enc)
+    fails(args, sub, monkeypatch, tmp_path, ValueError, rf"model.init_args.readout: .*untrained: {sub} needs a fitted run")
+    # after fit the head is trained: the same run validates
+    cli = run_cli(args, "fit", monkeypatch)
+    assert cli.trainer.global_step == 2 and cli.model.head_trained
+    assert cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
 
 
 def test_prefix_tuning_on_backbone_without_cache(tiny, family_files, tmp_path, monkeypatch):

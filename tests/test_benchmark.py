@@ -55,6 +55,8 @@ def test_tiny_benchmark_outputs_and_resume(grid_file, tmp_path, monkeypatch, cap
         else:
             assert 0 < int(row["trainable_params"]) < int(row["total_params"])
             assert float(row["train_samples_per_s"]) > 0 and int(row["checkpoint_bytes"]) > 0
+    # the validation score of the trained cells survives the test run that follows fit
+    assert all(math.isfinite(r["val_score"]) for r in rows if r["method"] != "zero_shot")
     # both implementations train the same number of prompt parameters (20 tokens x hidden)
     trainable = {(r["impl"]): int(r["trainable_params"]) for r in table if r["method"] == "soft_prompt"}
     assert trainable["promptlit"] == trainable["peft"]
@@ -97,6 +99,19 @@ def test_tiny_benchmark_outputs_and_resume(grid_file, tmp_path, monkeypatch, cap
     assert len(rows) == 5 and "5 runs of the grid's 6." in (out / "table.md").read_text()
     with pytest.raises(SystemExit, match="--seeds 9: not in the grid's seeds"):
         benchmark.main(["--config", str(grid_file), "--seeds", "9"])
+
+    # a changed budget does not resume onto cells run with the old one; a moved output folder still resumes
+    grid = yaml.safe_load(grid_file.read_text())
+    grid["budget"]["steps"] = 3
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(grid))
+    with pytest.raises(SystemExit, match=r"5 finished cell\(s\).*trainer.max_steps: 2 then, 3 now"):
+        benchmark.main(["--config", str(changed)])
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    capsys.readouterr()
+    assert len(benchmark.main(["--config", str(grid_file), "--out", str(moved), "--seeds", "1"])) == 5
+    assert "3 done, 0 to run" in capsys.readouterr().out
 
 
 def test_grid_errors_name_the_key(tmp_path):
