@@ -103,6 +103,15 @@ def test_fit_then_test_logs_to_wandb_offline(tiny, family_files, tmp_path, monke
     assert (run_folder / "checkpoints" / "last.ckpt").exists()
 
 
+def test_few_shot_epoch_shorter_than_validation_interval(tiny, family_files, tmp_path, monkeypatch):
+    """K=1 per class makes a one-batch epoch; the shipped configs' step-count validation still runs."""
+    args = ["--config", "configs/sst2/soft_prompt.yaml", *tiny_args(tiny, family_files["sst2"], tmp_path),
+            "--data.init_args.few_shot_k", "1", "--trainer.max_steps", "4", "--trainer.val_check_interval", "2"]
+    cli = run_cli(args, "fit", monkeypatch)
+    assert cli.trainer.global_step == 4 and cli.trainer.num_training_batches == 1
+    assert "val/acc" in cli.trainer.callback_metrics
+
+
 def test_predict_writes_ids_and_labels(tiny, family_files, tmp_path, monkeypatch):
     out_file = tmp_path / "preds.jsonl"
     args = ["--config", "configs/sst2/hard_prompt.yaml", *tiny_args(tiny, family_files["sst2"], tmp_path),
