@@ -96,6 +96,9 @@ class PromptDataModule(L.LightningDataModule):
         if label_words:
             self.spec.label_words = {str(k): [v] if isinstance(v, str) else list(v) for k, v in label_words.items()}
         self.template = self.spec.parsed_template(template).require_mask()
+        if not self.template.fields:
+            raise DataError(f"data.init_args.template: {self.template.source!r} uses none of the task's fields "
+                            f"({', '.join('{' + f + '}' for f in self.spec.fields)}): every example would read the same")
         self.text_answers = self.spec.answer_type == "text"
         if not self.spec.label_words and self.spec.label_words_file:
             self.spec.label_words = read_label_words(Path(data_dir) / self.spec.label_words_file)
@@ -150,9 +153,10 @@ class PromptDataModule(L.LightningDataModule):
         rows = read_split(self.spec.splits[split], self.hparams.data_dir, split, self.required_columns(split))
         return [self.prepare_row(r) for r in rows]
 
-    def _per_class(self, rows: list[dict], k: int, rng: random.Random) -> list[dict]:
+    def _per_class(self, rows: list[dict], k: int, rng: random.Random, split: str) -> list[dict]:
         by_label = defaultdict(list)
         for row in rows:
+            self.label_index(row, f"{split} split of {self._source_of(split)}")  # an unknown label is an error, not skipped
             by_label[str(row["label"])].append(row)
         picked = []
         for label in self.labels:
@@ -183,8 +187,8 @@ class PromptDataModule(L.LightningDataModule):
         if hp.few_shot_k and self.text_answers:  # no classes: K examples in all
             splits["train"] = rng.sample(splits["train"], min(hp.few_shot_k, len(splits["train"])))
         elif hp.few_shot_k:
-            splits["train"] = self._per_class(splits["train"], hp.few_shot_k, rng)
-            splits["validation"] = self._per_class(splits["validation"], hp.few_shot_k, rng)
+            splits["train"] = self._per_class(splits["train"], hp.few_shot_k, rng, "train")
+            splits["validation"] = self._per_class(splits["validation"], hp.few_shot_k, rng, "validation")
         if hp.max_train_samples:
             splits["train"] = rng.sample(splits["train"], min(hp.max_train_samples, len(splits["train"])))
         if hp.max_eval_samples:
@@ -200,6 +204,9 @@ class PromptDataModule(L.LightningDataModule):
         span_field = self.spec.span_field if self.text_answers and self.extractive else None
         enc = self.encoder.encode(row, offsets_field=span_field)
         item = {"id": str(row["id"]), "input_ids": enc.input_ids, "soft_index": enc.soft_index, "answer_pos": enc.answer_pos}
+        if self.text_answers and split != "predict" and not row.get("answers"):
+            raise DataError(f"{split} split of {self._source_of(split)} ({row['id']}): 'answers' is empty; unanswerable "
+                            "questions (SQuAD 2.0 style) are not supported: drop those rows")
         if span_field:
             item.update(answer_span(enc, row, span_field))
         elif self.text_answers and row.get("answers"):

@@ -229,6 +229,11 @@ def read_split(src: SplitSource, data_dir: str | Path, split: str, required: lis
     missing = [c for c in required if c not in out[0]]
     if missing:
         raise DataError(f"{origin}: missing column(s) {missing}; found {sorted(out[0])}. Map them with 'rename'.")
+    for index, row in enumerate(out):  # every row, not just the first: a later gap would fail deep in batching
+        missing = [c for c in required if row.get(c) is None]
+        if missing:
+            raise DataError(f"{origin}: row {index} (id {row['id']!r}) has no {', '.join(missing)}; "
+                            f"every row needs {', '.join(required)}")
     return out
 
 

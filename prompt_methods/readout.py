@@ -57,7 +57,29 @@ class Feed:
                     None if self.prompt_row is None else self.prompt_row.extended(embeds.size(1)))
 
 
+#: names of learned absolute position tables (BERT/RoBERTa, GPT-2, BART/OPT); rotary and relative
+#: position schemes have no table and no hard limit
+POSITION_TABLES = ("position_embeddings", "wpe", "embed_positions")
+
+
+def position_limit(backbone) -> int | None:
+    """How many positions ``backbone``'s learned position table numbers, or None where it has none."""
+    if not hasattr(backbone, "_promptlit_position_limit"):
+        cfg = backbone.config.get_text_config()
+        table = any(isinstance(m, nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES
+                    for name, m in backbone.named_modules())
+        limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        backbone._promptlit_position_limit = limit if table else None
+    return backbone._promptlit_position_limit
+
+
 def base_forward(backbone, feed: Feed, use_cache: bool = False):
+    limit, length = position_limit(backbone), feed.attention_mask.size(-1)
+    if limit is not None and length > limit:  # else an index error deep inside the embedding lookup
+        raise ValueError(
+            f"data.init_args.max_length: a batch needs {length} positions (its tokens plus the prompt's), more than "
+            f"the {limit} this backbone has position embeddings for; lower data.init_args.max_length (or the prompt length)"
+        )
     kwargs = dict(inputs_embeds=feed.inputs_embeds, attention_mask=feed.attention_mask, use_cache=use_cache)
     if feed.position_ids is not None:
         kwargs["position_ids"] = feed.position_ids

@@ -43,6 +43,7 @@ def base(tiny, files, tmp_path, config=SOFT, backbone=None):
 @pytest.mark.parametrize("template,match", [
     ("Review: {sentence} {stars} Sentiment: {mask}", r"data.init_args.template: unknown placeholder '\{stars\}'"),
     ("Review: {sentence} {mask", r"data.init_args.template: unbalanced '\{'"),
+    ("{soft:2} Sentiment: {mask}", r"data.init_args.template: .* uses none of the task's fields \(\{sentence\}\)"),
 ])
 def test_template_with_unknown_field_or_placeholder(template, match, tiny, family_files, tmp_path, monkeypatch):
     args = base(tiny, family_files["sst2"], tmp_path) + ["--data.init_args.template", template]
@@ -78,6 +79,8 @@ def test_empty_or_whitespace_text_is_handled(tiny, family_files, tmp_path, monke
     ("", "is empty"),
     ('{"sentence": "ok", "label": "1"}\n{"sentence": "cut off", "label": \n', r"train.jsonl:2: not valid JSON"),
     ('{"text": "ok", "stars": "1"}\n', r"train.jsonl.*missing column"),
+    ('{"sentence": "ok", "label": "1"}\n{"sentence": "no label"}\n', r"train.jsonl: row 1 \(id 'train-1'\) has no label"),
+    ('{"sentence": "ok", "label": "1"}\n{"sentence": null, "label": "0"}\n', r"train.jsonl: row 1 .* has no sentence"),
 ])
 def test_missing_empty_or_malformed_data_file(content, match, tiny, family_files, tmp_path, monkeypatch):
     path = tmp_path / "train.jsonl"
@@ -174,3 +177,60 @@ def test_command_line_shows_one_line_not_a_traceback(tiny, family_files, tmp_pat
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: data.init_args.template: unknown placeholder")
+
+
+def test_unanswerable_question_is_a_clear_error(tiny, tmp_path):
+    """SQuAD 2.0-style rows (no answers) would otherwise give a batch without targets and an empty max()."""
+    from datamodules import QuestionAnsweringDataModule
+    from datamodules.readers import DataError
+
+    path = tmp_path / "squad2.json"
+    qas = [{"id": "q0", "question": "How was the film?", "answers": [{"text": "great", "answer_start": 13}]},
+           {"id": "q1", "question": "Who directed it?", "answers": [], "is_impossible": True}]
+    path.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [
+        {"context": "The film was great and the acting was wonderful.", "qas": qas}]}]}))
+    for backbone in (tiny("llama"), tiny("bert")):  # generated and extracted answers
+        dm = QuestionAnsweringDataModule(task="squad", backbone=backbone, train_file=str(path),
+                                         validation_file=str(path), test_file=str(path))
+        with pytest.raises(DataError, match=r"squad2.json \(q1\): 'answers' is empty"):
+            dm.setup()
+
+
+def test_few_shot_sampling_refuses_unknown_labels(tiny, tmp_path):
+    """K-per-class sampling would skip rows whose label has no label words and leave an empty train set."""
+    from datamodules import ClassificationDataModule
+    from datamodules.readers import DataError
+
+    path = tmp_path / "reviews.jsonl"
+    path.write_text("".join(json.dumps({"sentence": f"review {i}", "label": lab}) + "\n"
+                            for i, lab in enumerate(["pos", "neg"] * 4)))
+    dm = ClassificationDataModule(task="sst2", backbone=tiny("llama"), train_file=str(path), validation_file=str(path),
+                                  test_file=str(path), few_shot_k=2)
+    with pytest.raises(DataError, match=r"train split of .*reviews.jsonl \(train-0\): label 'pos' is not in data.init_args.label_words"):
+        dm.setup()
+
+
+def test_more_positions_than_the_position_table(tiny, family_files, tmp_path, monkeypatch):
+    """BERT-style learned positions end at max_position_embeddings: input plus prompt past that is named,
+    not an IndexError from the embedding lookup."""
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    folder = tmp_path / "short-bert"
+    BertForMaskedLM(BertConfig(vocab_size=len(AutoTokenizer.from_pretrained(tiny("bert"))), hidden_size=32,
+                               num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                               max_position_embeddings=24)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny("bert")).save_pretrained(folder)
+    args = base(tiny, family_files["sst2"], tmp_path, backbone=str(folder))  # 20 soft tokens + the input > 24
+    fails(args, "fit", monkeypatch, tmp_path, ValueError,
+          r"data.init_args.max_length: a batch needs \d+ positions .* more than the 24 this backbone has")
+    # within the table it trains
+    cli = run_cli(args + ["--model.init_args.num_virtual_tokens", "2", "--data.init_args.max_length", "20"], "fit", monkeypatch)
+    assert cli.trainer.global_step == 2
+
+
+@pytest.mark.parametrize("config", [SOFT, "configs/sst2/prefix_tuning.yaml"])
+def test_init_text_without_tokens(config, tiny, family_files, tmp_path, monkeypatch):
+    """A WordPiece tokenizer turns whitespace into no tokens at all."""
+    args = base(tiny, family_files["sst2"], tmp_path, config, backbone=tiny("bert")) + ["--model.init_args.init", "text",
+                                                                 "--model.init_args.init_text", " "]
+    fails(args, "fit", monkeypatch, tmp_path, ValueError, r"model.init_args.init_text: ' ' has no tokens")
