@@ -29,6 +29,7 @@ class PromptCLI(LightningCLI):
     def add_arguments_to_parser(self, parser):
         parser.link_arguments("model.init_args.backbone", "data.init_args.backbone")
         parser.link_arguments("model.init_args.backbone_kind", "data.init_args.backbone_kind")
+        parser.link_arguments("model.init_args.trust_remote_code", "data.init_args.trust_remote_code")
         parser.link_arguments("data.verbalizer", "model.init_args.verbalizer", apply_on="instantiate")
         parser.link_arguments("data.labels", "model.init_args.labels", apply_on="instantiate")
         parser.link_arguments("data.metric", "model.init_args.metric", apply_on="instantiate")
@@ -121,6 +122,9 @@ def export(args: list[str]):
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         cli.model.configure_trainable()
         cli.model.on_load_checkpoint(state)
+        if cli.model.tune_backbone or state.get("promptlit", {}).get("tune_backbone"):
+            raise AdapterError("model.init_args.tune_backbone: this run tuned the backbone as well as the prompt; a PEFT "
+                               "prompt adapter holds only the prompt, so it would not reproduce the run")
         cli.model.load_state_dict(state["state_dict"], strict=False)
         path = export_adapter(cli.model, out_dir, template=cli.datamodule.template.source)
     except (CheckpointError, AdapterError) as err:

@@ -30,6 +30,7 @@ class PromptDataModule(L.LightningDataModule):
         task: built-in task name (``tasks/<name>.yaml``) or a task YAML path.
         backbone: backbone alias, folder or hub id; linked from ``model.init_args.backbone``.
         backbone_kind: ``auto`` or causal/mlm/seq2seq/encoder; linked from the model.
+        trust_remote_code: run the backbone repository's own tokenizer/config code; linked from the model.
         data_dir: folder that relative split files are read from.
         template: overrides the task's template.
         label_words: overrides the task's label words (label -> word or list of words).
@@ -62,6 +63,7 @@ class PromptDataModule(L.LightningDataModule):
         task: str = "sst2",
         backbone: str = "smollm2-135m",
         backbone_kind: str = "auto",
+        trust_remote_code: bool = False,
         data_dir: str = DEFAULT_DATA_DIR,
         template: str | None = None,
         label_words: dict[str, str | list[str]] | None = None,
@@ -108,8 +110,8 @@ class PromptDataModule(L.LightningDataModule):
             raise DataError(f"data.init_args.task: '{self.spec.name}' has neither labels nor answer_type: text")
         if missing:
             raise DataError(f"data.init_args.label_words: no words for label(s) {missing}")
-        self.tokenizer = load_tokenizer(backbone)
-        self.kind = resolve_kind(backbone, backbone_kind)
+        self.tokenizer = load_tokenizer(backbone, trust_remote_code)
+        self.kind = resolve_kind(backbone, backbone_kind, trust_remote_code)
         self.verbalizer = tokenize_label_words(self.tokenizer, self.template, self.labels, self.spec.label_words)
         mask_tokens = max((len(w) for words in self.verbalizer for w in words), default=1)
         self.encoder = TemplateTokenizer(self.tokenizer, self.template, self.kind, max_length, mask_tokens)

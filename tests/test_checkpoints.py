@@ -120,3 +120,15 @@ def test_export_writes_a_peft_adapter_that_loads_back(soft_ckpt, tiny, family_fi
         train.main(["export", "--config", "configs/sst2/p_tuning.yaml", *tiny_args(tiny, family_files["sst2"], tmp_path),
                     "--ckpt_path", str(ckpt), "--out_dir", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
+
+
+def test_export_refuses_a_run_that_tuned_the_backbone(tiny, family_files, tmp_path, monkeypatch):
+    """A prompt adapter holds only the prompt: it cannot reproduce a run whose backbone trained too."""
+    import train
+
+    tuned = ["--model.init_args.tune_backbone", "true"]
+    _, ckpt = fit(tiny, family_files["sst2"], tmp_path, monkeypatch, steps=1, extra=tuned)
+    with pytest.raises(SystemExit, match="error: model.init_args.tune_backbone: this run tuned the backbone"):
+        train.main(["export", "--config", SOFT, *tiny_args(tiny, family_files["sst2"], tmp_path), *tuned,
+                    "--ckpt_path", str(ckpt), "--out_dir", str(tmp_path / "adapter")])
+    assert not (tmp_path / "adapter").exists()

@@ -112,6 +112,15 @@ def test_few_shot_epoch_shorter_than_validation_interval(tiny, family_files, tmp
     assert "val/acc" in cli.trainer.callback_metrics
 
 
+def test_trust_remote_code_reaches_the_data_module(tiny, family_files, tmp_path, monkeypatch):
+    """The DataModule loads the tokenizer itself: a remote-code backbone needs the model's setting there too."""
+    monkeypatch.chdir(ROOT)
+    args = ["--config", "configs/sst2/soft_prompt.yaml", *tiny_args(tiny, family_files["sst2"], tmp_path),
+            "--model.init_args.trust_remote_code", "true", "--trainer.logger", "false"]
+    cli = train._cli(args, run=False)
+    assert cli.datamodule.hparams.trust_remote_code is True and cli.model.hparams.trust_remote_code is True
+
+
 def test_predict_writes_ids_and_labels(tiny, family_files, tmp_path, monkeypatch):
     out_file = tmp_path / "preds.jsonl"
     args = ["--config", "configs/sst2/hard_prompt.yaml", *tiny_args(tiny, family_files["sst2"], tmp_path),
