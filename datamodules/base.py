@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 
 import lightning as L
@@ -21,6 +22,8 @@ from tasks.spec import SplitSource, TaskSpec, load_task
 
 DEFAULT_DATA_DIR = os.environ.get("PROMPTLIT_DATA", "../shared/data")
 SPLITS = ("train", "validation", "test", "predict")
+#: the splits each Lightning stage reads
+STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",), "predict": ("predict",)}
 
 
 class PromptDataModule(L.LightningDataModule):
@@ -176,28 +179,46 @@ class PromptDataModule(L.LightningDataModule):
         held = set(order[:size])
         return [r for i, r in enumerate(rows) if i in held], [r for i, r in enumerate(rows) if i not in held]
 
-    def load_rows(self) -> dict[str, list[dict]]:
-        """All splits as row dicts, after held-out validation and few-shot sampling."""
+    def _files_needed(self, wanted: set[str]) -> set[str]:
+        """The splits to read for ``wanted``: a split held out of train needs train; the predict split
+        defaults to test; few-shot sampling draws train and validation from one generator, so either
+        needs both (the same examples whichever stage comes first)."""
+        own = {name for name in SPLITS if name in self.spec.splits}
+        need = set(wanted)
+        if "predict" in need and "predict" not in own:
+            need.add("test")
+        if self.hparams.few_shot_k and not self.text_answers and need & {"train", "validation"}:
+            need |= {"train", "validation"}
+        held_out = {"validation"} - own | ({"test"} - own if self.spec.test_size else set())
+        if need & held_out:
+            need.add("train")
+        return need & own
+
+    def load_rows(self, wanted: Iterable[str] = SPLITS) -> dict[str, list[dict]]:
+        """The ``wanted`` splits (and those they are drawn with) as row dicts, after held-out
+        validation and few-shot sampling. Only the files they need are read."""
         hp = self.hparams
-        splits = {name: self._read(name) for name in ("train", "validation", "test", "predict") if name in self.spec.splits}
-        if "test" not in splits and self.spec.test_size:
-            splits["test"], splits["train"] = self._hold_out(splits["train"], self.spec.test_size, "test_size", 0)
-        if "validation" not in splits:
-            size = hp.validation_size if hp.validation_size is not None else self.spec.validation_size
-            splits["validation"], splits["train"] = self._hold_out(splits["train"], size, "validation_size", 1)
+        splits = {name: self._read(name) for name in SPLITS if name in self._files_needed(set(wanted))}
+        if "train" in splits:
+            if "test" not in self.spec.splits and self.spec.test_size:
+                splits["test"], splits["train"] = self._hold_out(splits["train"], self.spec.test_size, "test_size", 0)
+            if "validation" not in self.spec.splits:
+                size = hp.validation_size if hp.validation_size is not None else self.spec.validation_size
+                splits["validation"], splits["train"] = self._hold_out(splits["train"], size, "validation_size", 1)
         rng = random.Random(hp.seed)
-        if hp.few_shot_k and self.text_answers:  # no classes: K examples in all
+        if hp.few_shot_k and self.text_answers and "train" in splits:  # no classes: K examples in all
             splits["train"] = rng.sample(splits["train"], min(hp.few_shot_k, len(splits["train"])))
-        elif hp.few_shot_k:
+        elif hp.few_shot_k and "train" in splits:
             splits["train"] = self._per_class(splits["train"], hp.few_shot_k, rng, "train")
             splits["validation"] = self._per_class(splits["validation"], hp.few_shot_k, rng, "validation")
-        if hp.max_train_samples:
+        if hp.max_train_samples and "train" in splits:
             splits["train"] = rng.sample(splits["train"], min(hp.max_train_samples, len(splits["train"])))
         if hp.max_eval_samples:
             for name in ("validation", "test"):
                 if name in splits:
                     splits[name] = splits[name][: hp.max_eval_samples]
-        splits.setdefault("predict", splits.get("test", []))
+        if "test" in splits:
+            splits.setdefault("predict", splits["test"])
         return splits
 
     def encode_row(self, row: dict, split: str) -> dict:
@@ -225,10 +246,17 @@ class PromptDataModule(L.LightningDataModule):
         return self.kind in ("encoder", "mlm")
 
     def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
+        """Read and tokenize the splits ``stage`` uses (all of them without a stage), once each: a
+        zero-shot test does not tokenize the train split, and predict needs no train file."""
+        self.load_splits(STAGE_SPLITS.get(stage, SPLITS))
+
+    def load_splits(self, wanted: Iterable[str]) -> None:
+        missing = [name for name in wanted if name not in self.datasets]
+        if not missing:
             return
-        for split, rows in self.load_rows().items():
-            self.datasets[split] = [self.encode_row(r, split) for r in rows]
+        for split, rows in self.load_rows(missing).items():
+            if split in missing:
+                self.datasets[split] = [self.encode_row(r, split) for r in rows]
 
     # ------------------------------------------------------------------ batches
     def collate(self, items: list[dict]) -> dict:
@@ -237,7 +265,7 @@ class PromptDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
-            self.setup()
+            self.load_splits([split])
         hp = self.hparams
         size = hp.batch_size if split == "train" else hp.eval_batch_size
         data = self.datasets[split]

@@ -52,6 +52,44 @@ def test_few_shot_k_per_class_with_seed(tiny, data_dir):
     assert [r["id"] for r in a["train"]] != [r["id"] for r in b["train"]]
 
 
+def test_each_stage_reads_only_the_splits_it_uses(tiny, data_dir, tmp_path, monkeypatch):
+    """A zero-shot test does not tokenize the train split; predict runs without a train file; a split
+    held out of train, and few-shot validation, are the same whichever stage comes first."""
+    from datamodules import ClassificationDataModule, RelationExtractionDataModule
+
+    dm = ClassificationDataModule(task="sst2", backbone=tiny("llama"), data_dir=data_dir)
+    read = []
+    real = dm._read
+    monkeypatch.setattr(dm, "_read", lambda split: read.append(split) or real(split))
+    dm.setup("test")
+    assert read == ["test"] and set(dm.datasets) == {"test"}
+    dm.setup("validate")
+    assert read == ["test", "validation"] and set(dm.datasets) == {"test", "validation"}
+
+    pred = tmp_path / "new.jsonl"
+    pred.write_text('{"sentence": "a fine film"}\n')
+    dm = ClassificationDataModule(task="sst2", backbone=tiny("llama"), train_file=str(tmp_path / "absent.tsv"),
+                                  predict_file=str(pred))
+    dm.setup("predict")
+    assert [it["id"] for it in dm.datasets["predict"]] == ["predict-0"]
+    with pytest.raises(ValueError, match="train file not found"):
+        dm.setup("fit")
+
+    # FewRel's test is held out of train; TREC few-shot validation is drawn after train
+    fit_first = RelationExtractionDataModule(task="fewrel", backbone=tiny("llama"), data_dir=data_dir)
+    fit_first.setup("fit")
+    fit_first.setup("test")
+    test_only = RelationExtractionDataModule(task="fewrel", backbone=tiny("llama"), data_dir=data_dir)
+    test_only.setup("test")
+    assert [it["id"] for it in test_only.datasets["test"]] == [it["id"] for it in fit_first.datasets["test"]]
+    assert "train" not in test_only.datasets
+    kw = dict(task="trec", backbone=tiny("llama"), data_dir=data_dir, few_shot_k=4, seed=5)
+    both, alone = ClassificationDataModule(**kw), ClassificationDataModule(**kw)
+    both.setup("fit")
+    alone.setup("validate")
+    assert [it["id"] for it in alone.datasets["validation"]] == [it["id"] for it in both.datasets["validation"]]
+
+
 ROWS = [{"review": "great film", "stars": "1"}, {"review": "dull film", "stars": "0"}]
 
 
