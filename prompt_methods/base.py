@@ -125,8 +125,9 @@ class PromptModule(Feeding, L.LightningModule):
         self.metric, self.labels = metric, labels or [str(i) for i in range(self.num_labels)]
         self._outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"val": [], "test": []}
         self.metrics = nn.ModuleDict({f"{s}_acc": MulticlassAccuracy(max(2, self.num_labels), average="micro") for s in ("train", "val", "test")})
-        self.val_acc_best = MaxMetric()
-        self.val_score_best = MaxMetric()
+        self.val_acc_best, self.val_score_best = MaxMetric(), MaxMetric()
+        for best in (self.val_acc_best, self.val_score_best):
+            best.persistent(True)  # in checkpoints: a resumed run keeps its best so far
         self.strict_loading = False  # checkpoints of frozen-backbone methods hold only trained weights
 
     # ------------------------------------------------------------------ params

@@ -30,9 +30,11 @@ def soft_ckpt(tiny, family_files, tmp_path, monkeypatch):
 def test_checkpoint_holds_prompt_state_and_metadata_and_loads_weights_only(soft_ckpt):
     cli, ckpt = soft_ckpt
     state = torch.load(ckpt, weights_only=True)  # the whole file, optimizer and loops included
-    assert set(state["state_dict"]) == {"prompt"}
+    assert set(state["state_dict"]) == {"prompt", "val_acc_best.max_value", "val_score_best.max_value"}
     assert state["promptlit"]["method"] == "SoftPrompt" and state["promptlit"]["fingerprint"] == cli.model.backbone_fingerprint
     assert state["optimizer_states"] and state["lr_schedulers"] and state["global_step"] == 2
+    # the best validation score so far travels too, so a resumed run's val/score_best does not restart
+    assert float(state["state_dict"]["val_score_best.max_value"]) == float(cli.trainer.callback_metrics["val/score_best"])
     assert ckpt.stat().st_size < 64 * 1024
 
 
