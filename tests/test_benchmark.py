@@ -168,3 +168,7 @@ def test_table_shows_median_and_worst_seed():
     assert "| sst2 | soft_prompt | peft | acc | 84.3 ± 1.5 | 84.0 | 83.0 |" in md
     assert "| 1.50x | 1.00x | 1.00x | -7.0 | -2.0 |" in md  # mean diff, then median diff
     assert "| peak MiB | checkpoint |" in md and "| 500 | 4.0 KiB |" in md  # sizes in units of 1024 bytes
+    assert "| sst2 | soft_prompt | 3 | 1.50x |" in md
+    # PEFT ran seed 1 only (an interrupted grid): the comparison pairs that seed, not three seeds against one
+    md = markdown({"name": "t", "seeds": [1, 2, 3], "budget": {"steps": 10}}, rows[:3] + rows[3:4])
+    assert "| sst2 | soft_prompt | 1 | 1.50x | 1.00x | 1.00x | +1.0 | +1.0 |" in md
