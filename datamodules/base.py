@@ -173,7 +173,7 @@ class PromptDataModule(L.LightningDataModule):
     def _hold_out(self, rows: list[dict], size: int, key: str, salt: int) -> tuple[list[dict], list[dict]]:
         """Split ``size`` rows off ``rows`` with ``split_seed`` (independent of the run seed)."""
         if size <= 0 or size >= len(rows):
-            raise DataError(f"data.init_args.{key}={size} does not fit a train split of {len(rows)} rows")
+            raise DataError(f"{key}={size} does not fit a train split of {len(rows)} rows")
         order = list(range(len(rows)))
         random.Random(self.hparams.split_seed + salt).shuffle(order)
         held = set(order[:size])
@@ -201,10 +201,11 @@ class PromptDataModule(L.LightningDataModule):
         splits = {name: self._read(name) for name in SPLITS if name in self._files_needed(set(wanted))}
         if "train" in splits:
             if "test" not in self.spec.splits and self.spec.test_size:
-                splits["test"], splits["train"] = self._hold_out(splits["train"], self.spec.test_size, "test_size", 0)
+                splits["test"], splits["train"] = self._hold_out(splits["train"], self.spec.test_size,
+                                                                   f"task {self.spec.name}'s test_size", 0)
             if "validation" not in self.spec.splits:
                 size = hp.validation_size if hp.validation_size is not None else self.spec.validation_size
-                splits["validation"], splits["train"] = self._hold_out(splits["train"], size, "validation_size", 1)
+                splits["validation"], splits["train"] = self._hold_out(splits["train"], size, "data.init_args.validation_size", 1)
         rng = random.Random(hp.seed)
         if hp.few_shot_k and self.text_answers and "train" in splits:  # no classes: K examples in all
             splits["train"] = rng.sample(splits["train"], min(hp.few_shot_k, len(splits["train"])))

@@ -234,3 +234,17 @@ def test_init_text_without_tokens(config, tiny, family_files, tmp_path, monkeypa
     args = base(tiny, family_files["sst2"], tmp_path, config, backbone=tiny("bert")) + ["--model.init_args.init", "text",
                                                                  "--model.init_args.init_text", " "]
     fails(args, "fit", monkeypatch, tmp_path, ValueError, r"model.init_args.init_text: ' ' has no tokens")
+
+
+def test_held_out_split_larger_than_train(tiny, family_files):
+    """FewRel's test split is held out of train: a small user train file names the task's test_size."""
+    from datamodules import RelationExtractionDataModule
+    from datamodules.readers import DataError
+
+    dm = RelationExtractionDataModule(task="fewrel", backbone=tiny("llama"), train_file=family_files["fewrel"]["train"])
+    with pytest.raises(DataError, match=r"task fewrel's test_size=1120 does not fit a train split of 6 rows"):
+        dm.setup("test")
+    dm = RelationExtractionDataModule(task="fewrel", backbone=tiny("llama"), train_file=family_files["fewrel"]["train"],
+                                      test_file=family_files["fewrel"]["test"], validation_size=50)
+    with pytest.raises(DataError, match=r"data.init_args.validation_size=50 does not fit a train split of 6 rows"):
+        dm.setup("fit")
