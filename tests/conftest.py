@@ -131,7 +131,7 @@ def make_data(sst_files):
 
 @pytest.fixture(scope="session")
 def family_files(sst_files, tmp_path_factory):
-    """Tiny train/validation/test files per task: SST-2 shaped tsv, relation jsonl, BoolQ jsonl."""
+    """Tiny train/validation/test files per task: SST-2 shaped tsv, relation, BoolQ and TREC jsonl."""
     import json
 
     folder = tmp_path_factory.mktemp("families")
@@ -142,7 +142,9 @@ def family_files(sst_files, tmp_path_factory):
     boolq = [{"question": "is the sky blue", "passage": "The sky is blue on a clear day.", "label": "True"},
              {"question": "is fire cold", "passage": "Fire is hot.", "label": "False"}] * 3
     out = {"sst2": {s: str(sst_files / f"{s}.tsv") for s in ("train", "validation", "test")}}
-    for task, rows in (("semeval", rel), ("fewrel", fewrel), ("boolq", boolq)):
+    trec = [{"question": "Who wrote the book ?", "label": "HUM"}, {"question": "Where is the city ?", "label": "LOC"},
+            {"question": "How many films were made ?", "label": "NUM"}] * 2
+    for task, rows in (("semeval", rel), ("fewrel", fewrel), ("boolq", boolq), ("trec", trec)):
         path = folder / f"{task}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         out[task] = {s: str(path) for s in ("train", "validation", "test")}
@@ -152,6 +154,5 @@ def family_files(sst_files, tmp_path_factory):
         "qas": [{"id": f"q{i}", "question": "How was the film?", "answers": [{"text": "great", "answer_start": 13}]}
                 for i in range(6)]}]}]}))
     out["squad"] = {s: str(squad_path) for s in ("train", "validation", "test")}
-    for task in ("trec", "agnews"):
-        out[task] = None  # run on the SST-2 files with task sst2 (same family, same reader path)
+    out["agnews"] = None  # run on the SST-2 files with task sst2 (same family, same reader path)
     return out

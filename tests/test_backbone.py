@@ -34,6 +34,9 @@ def test_packaged_minilm_is_an_encoder_with_head_readout(make_data):
     module = SoftPrompt(backbone="minilm-l6", verbalizer=dm.verbalizer, num_virtual_tokens=4)
     scores = module(next(iter(dm.val_dataloader())))
     assert scores.shape == (6, 2)
+    from prompt_methods.readout import ClassificationHead
+
+    assert isinstance(module.readout, ClassificationHead) and not module.head_trained  # refused by test until fit
 
 
 def test_label_words_on_encoder_without_lm_head(make_data):
@@ -42,10 +45,22 @@ def test_label_words_on_encoder_without_lm_head(make_data):
         HardPrompt(backbone="minilm-l6", verbalizer=dm.verbalizer, readout="label_words")
 
 
-def test_trust_remote_code_stays_off(tiny):
-    from prompt_methods.base import PromptModule
+def test_trust_remote_code_stays_off(tiny, make_data, monkeypatch):
+    """Every config, tokenizer and model load of a method and its DataModule passes trust_remote_code=False
+    unless it is set."""
+    import transformers
 
-    import inspect
+    seen = []
+    for cls in ("AutoConfig", "AutoTokenizer", "AutoModelForCausalLM"):
+        auto = getattr(transformers, cls)
+        real = auto.from_pretrained.__func__
 
-    assert inspect.signature(PromptModule).parameters["trust_remote_code"].default is False
-    assert inspect.signature(load_backbone).parameters["trust_remote_code"].default is False
+        def spy(klass, *args, _real=real, _name=cls, **kwargs):
+            seen.append((_name, kwargs.get("trust_remote_code")))
+            return _real(klass, *args, **kwargs)
+
+        monkeypatch.setattr(auto, "from_pretrained", classmethod(spy))
+    dm = make_data(tiny("llama"))
+    SoftPrompt(backbone=tiny("llama"), verbalizer=dm.verbalizer, num_virtual_tokens=2)
+    assert {name for name, _ in seen} == {"AutoConfig", "AutoTokenizer", "AutoModelForCausalLM"}
+    assert all(flag is False for _, flag in seen), seen

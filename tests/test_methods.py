@@ -101,7 +101,9 @@ def test_input_ids_equal_inputs_embeds(name, arch, tiny, make_data):
         from_ids = model(batch)
         embeds = model.backbone.get_input_embeddings()(batch["input_ids"])
         from_embeds = model({**batch, "inputs_embeds": embeds})
+        moved = model({**batch, "inputs_embeds": embeds + 0.5 * torch.randn_like(embeds)})
     torch.testing.assert_close(from_ids, from_embeds)
+    assert not torch.allclose(moved, from_ids, atol=1e-4)  # the given embeddings are the ones used
 
 
 @pytest.mark.parametrize("name,arch", [c for c in CASES if supported(*c) and c[0] != "hard_prompt"])

@@ -99,8 +99,20 @@ def test_generation_seq2seq(name, tiny, squad_file):
     batch = next(iter(dm.val_dataloader()))
     loss = model.readout.loss(model.backbone, model.feed(batch), batch["target_ids"], batch["target_mask"])
     assert torch.isfinite(loss) and loss.requires_grad
+    model.eval()
     answers = model.readout.generate(model.backbone, model.feed(batch))
-    assert len(answers) == 4 and all(len(a) <= 3 for a in answers)
+    # reference: greedy decoding without a cache, three steps, cut at the end token
+    with torch.no_grad():
+        feed = model.feed(batch)
+        enc = base_forward(model.backbone, feed).last_hidden_state
+        start = model.backbone.config.decoder_start_token_id
+        dec = torch.full((4, 1), start, dtype=torch.long)
+        for _ in range(3):
+            logits = model.backbone(encoder_outputs=(enc,), attention_mask=feed.attention_mask, decoder_input_ids=dec).logits
+            dec = torch.cat([dec, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    eos = model.readout.eos_id
+    expected = [row[: row.index(eos)] if eos in row else row for row in dec[:, 1:].tolist()]
+    assert answers == expected and len(answers) == 4 and any(answers)
 
 
 def test_generative_loss_falls(tiny, squad_file):
