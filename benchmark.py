@@ -201,6 +201,7 @@ def run_cell(grid: dict, cell: dict, out: Path) -> dict:
         "peak_mem_mb": peak, "wall_s": wall, "checkpoint_bytes": ckpt_bytes,
         "steps": trainer.global_step, "val_score": metrics.get("val/score", float("nan")),
         "device": str(trainer.strategy.root_device), "torch": torch.__version__, "cell": cell["key"],
+        "test_metrics": {k: v for k, v in metrics.items() if k.startswith("test/")},  # e.g. SQuAD's EM beside its F1
     }
     if trainer.logger is not None:
         trainer.logger.log_metrics({f"bench/{k}": v for k, v in row.items() if isinstance(v, (int, float))})

@@ -57,6 +57,7 @@ def test_tiny_benchmark_outputs_and_resume(grid_file, tmp_path, monkeypatch, cap
             assert float(row["train_samples_per_s"]) > 0 and int(row["checkpoint_bytes"]) > 0
     # the validation score of the trained cells survives the test run that follows fit
     assert all(math.isfinite(r["val_score"]) for r in rows if r["method"] != "zero_shot")
+    assert all(r["test_metrics"]["test/score"] == r["value"] and "test/acc" in r["test_metrics"] for r in rows)
     # both implementations train the same number of prompt parameters (20 tokens x hidden)
     trainable = {(r["impl"]): int(r["trainable_params"]) for r in table if r["method"] == "soft_prompt"}
     assert trainable["promptlit"] == trainable["peft"]
