@@ -72,8 +72,9 @@ def peft_ratios(rows: list[dict]) -> list[dict]:
                        & {s for t, m, i, s in cells if (t, m, i) == (task, method, "peft")})
         if not seeds:
             continue
-        ours, peer = ({e["impl"]: e for e in summarize([cells[(task, method, impl, s)] for s in seeds])}[impl]
-                      for impl in ("promptlit", "peft"))
+        paired = {e["impl"]: e for e in summarize([cells[(task, method, impl, s)]
+                                                   for impl in ("promptlit", "peft") for s in seeds])}
+        ours, peer = paired["promptlit"], paired["peft"]
         out.append({"task": task, "method": method, "seeds": len(seeds),
                     "throughput_ratio": ours["train_samples_per_s"] / peer["train_samples_per_s"],
                     "eval_throughput_ratio": ours["eval_samples_per_s"] / peer["eval_samples_per_s"],

@@ -150,6 +150,13 @@ class PromptModule(Feeding, L.LightningModule):
         used = {id(p) for p in body.parameters()}
         return [p for p in self.backbone.parameters() if id(p) not in used]
 
+    def text_ids(self, text: str, n: int) -> torch.Tensor:
+        """(n,) token ids of ``text`` (``model.init_args.init_text``), repeated or cut to n."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError(f"model.init_args.init_text: {text!r} has no tokens to start the prompt from")
+        return torch.tensor(ids).repeat(n // len(ids) + 1)[:n]
+
     @property
     def hidden_size(self) -> int:
         return self.backbone.config.get_text_config().hidden_size

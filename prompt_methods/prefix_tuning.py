@@ -83,10 +83,7 @@ class PrefixTuning(PromptModule):
     @torch.no_grad()
     def _text_kv(self, text: str) -> torch.Tensor:
         """The (P, D) keys/values the frozen backbone computes for ``text`` (cut or repeated to P tokens)."""
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise ValueError(f"model.init_args.init_text: {text!r} has no tokens to start the prefix from")
-        ids = torch.tensor(ids).repeat(self.n_prefix // len(ids) + 1)[: self.n_prefix].unsqueeze(0)
+        ids = self.text_ids(text, self.n_prefix).unsqueeze(0)
         cache = new_cache(self.backbone, self.kind)
         self.backbone.base_model(input_ids=ids, past_key_values=cache, use_cache=True)  # fills ``cache``
         keys = [layer.keys[0] for layer in cache.layers]  # L x (kv, P, hd)

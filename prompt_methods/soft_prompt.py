@@ -70,10 +70,7 @@ class SoftPrompt(PromptModule):
         elif init == "vocab":
             vectors = vocab_rows(table, num_virtual_tokens, init_seed, init_vocab_ids)
         else:
-            ids = self.tokenizer(init_text, add_special_tokens=False)["input_ids"]
-            if not ids:
-                raise ValueError(f"model.init_args.init_text: {init_text!r} has no tokens to start the prompt from")
-            vectors = table[torch.tensor(ids).repeat(num_virtual_tokens // len(ids) + 1)[:num_virtual_tokens]]
+            vectors = table[self.text_ids(init_text, num_virtual_tokens)]
         self.prompt = nn.Parameter(vectors.clone())  # (N, H), fp32 whatever the backbone dtype
 
     def feed(self, batch):
