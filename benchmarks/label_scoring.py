@@ -33,7 +33,7 @@ def main() -> None:
     dm.setup()
     model = HardPrompt(verbalizer=dm.verbalizer, labels=dm.labels)
     model.configure_trainable()
-    model.backbone.to(torch.bfloat16)
+    model.cast_backbone(torch.bfloat16)
     model.backbone.set_attn_implementation("eager")
     model.eval()
     batches = list(dm.val_dataloader())

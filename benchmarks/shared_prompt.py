@@ -53,7 +53,7 @@ def main() -> None:
     cls = {"soft_prompt": SoftPrompt, "p_tuning": PTuning}[args.method]
     model = cls(verbalizer=dm.verbalizer, num_virtual_tokens=args.num_virtual_tokens)
     model.configure_trainable()
-    model.backbone.to(torch.bfloat16)
+    model.cast_backbone(torch.bfloat16)
     model.backbone.set_attn_implementation(runtime.attention("auto", "cpu", model.kind))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 

@@ -42,7 +42,7 @@ def measure(task: str, method: str, setup: str, attn: str, batch: dict, verbaliz
     model = cls(backbone="smollm2-135m", verbalizer=verbalizer, **kwargs)
     model.configure_trainable()
     if setup in ("bf16-weights", "bf16-pure") and not model.tune_backbone:
-        model.backbone.to(torch.bfloat16)
+        model.cast_backbone(torch.bfloat16)
         if setup == "bf16-weights":  # as PromptModule.setup under bf16-mixed
             model.choose_residual_stream(torch.bfloat16, "bf16-mixed")
     model.backbone.set_attn_implementation(attn)

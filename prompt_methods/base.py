@@ -104,6 +104,7 @@ class PromptModule(Feeding, L.LightningModule):
         if len(self.tokenizer) > self.backbone.get_input_embeddings().num_embeddings:
             self.backbone.resize_token_embeddings(len(self.tokenizer))  # a pad token was added
         self.backbone_fingerprint = backbone_fingerprint(self.backbone)  # of the backbone as loaded, before any tuning
+        self._rope = runtime.rope_tables(self.backbone)  # kept fp32 through any cast (``_apply``)
         self.verbalizer = verbalizer
         vocab = self.tokenizer.get_vocab()
         info = {"sentinel_id": vocab.get("<extra_id_0>")}
@@ -170,13 +171,26 @@ class PromptModule(Feeding, L.LightningModule):
         self.configure_trainable()
         precision = str(getattr(self.trainer, "precision", "32")) if self._trainer is not None else "32"
         dtype = runtime.backbone_dtype(self.backbone_dtype, precision, self.tune_backbone)
-        self.backbone.to(dtype)
+        self.cast_backbone(dtype)
         self.choose_residual_stream(dtype, precision)
         device = self.trainer.strategy.root_device.type if self._trainer is not None else self.device.type
         if hasattr(self.backbone, "set_attn_implementation"):
             self.backbone.set_attn_implementation(runtime.attention(self.attn_implementation, device, self.kind))
         if self.compile_layers and not self._compiled:
             self._compiled = runtime.compile_blocks(self.backbone, attention=self.compile_attention)
+
+    def cast_backbone(self, dtype: torch.dtype) -> None:
+        """Store the backbone's weights in ``dtype``; its rotary frequencies stay fp32."""
+        self.backbone.to(dtype)
+        runtime.restore_rope(self.backbone, self._rope)
+
+    def _apply(self, fn, *args, **kwargs):
+        """``.to(dtype)``, ``.half()`` and Lightning's ``bf16-true``/``16-true`` cast buffers too: keep
+        the rotary frequencies fp32 (:func:`runtime.rope_tables`)."""
+        out = super()._apply(fn, *args, **kwargs)
+        if getattr(self, "_rope", None):
+            runtime.restore_rope(self.backbone, self._rope)
+        return out
 
     def choose_residual_stream(self, dtype: torch.dtype, precision: str) -> None:
         """A 16-bit backbone under autocast keeps fp32 hidden states between its layers (``Feeding.stream``)

@@ -52,6 +52,26 @@ def norms_to_fp32(backbone: nn.Module) -> None:
             module.float()
 
 
+def rope_tables(backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """fp32 copies of the backbone's rotary-embedding frequencies (buffers named ``*inv_freq``).
+
+    ``backbone.to(torch.bfloat16)`` casts buffers as well as weights, which rounds these to 8 bits of
+    mantissa (up to 0.3% off on SmolLM2: a RoPE angle off by that share of ``position x frequency``);
+    ``from_pretrained(dtype=...)`` keeps them fp32, and the rotary layers compute in fp32 anyway."""
+    return {name: buf.detach().clone() for name, buf in backbone.named_buffers()
+            if name.endswith("inv_freq") and buf.dtype == torch.float32}
+
+
+def restore_rope(backbone: nn.Module, tables: dict[str, torch.Tensor]) -> None:
+    """Put back the fp32 frequencies of :func:`rope_tables` where a cast made them 16-bit."""
+    for name, table in tables.items():
+        owner, _, attr = name.rpartition(".")
+        module = backbone.get_submodule(owner)
+        current = module._buffers.get(attr)
+        if current is not None and current.dtype != table.dtype:
+            module._buffers[attr] = table.to(current.device)
+
+
 def attention(setting: str, device_type: str, kind: str = "causal") -> str:
     """The attention implementation: ``auto`` is ``grouped`` for decoder-only backbones on CPU,
     eager for other backbones there, sdpa on accelerators."""

@@ -125,3 +125,27 @@ def test_residual_dtype_is_checked(tiny, make_data):
         SoftPrompt(backbone=tiny("llama"), verbalizer=dm.verbalizer, residual_dtype="fp16")
 
 
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_rotary_frequencies_stay_fp32_when_the_backbone_is_cast(precision, tiny, make_data):
+    """A cast to bf16 (the frozen backbone under ``bf16-mixed``; Lightning's ``bf16-true`` casting
+    the whole module; ``.to()``/``.half()``) keeps the RoPE frequencies as loaded, in fp32: rounded
+    to bf16 they are off by up to 0.3% (an angle error growing with the position)."""
+    from prompt_methods import SoftPrompt
+
+    backbone = tiny("llama")
+    dm = make_data(backbone)
+    model = SoftPrompt(backbone=backbone, verbalizer=dm.verbalizer, num_virtual_tokens=2)
+    loaded = {n: b.clone() for n, b in model.backbone.named_buffers() if n.endswith("inv_freq")}
+    assert loaded and all(not torch.equal(b.bfloat16().float(), b) for b in loaded.values())  # bf16 would round them
+    trainer = L.Trainer(accelerator="cpu", precision=precision, fast_dev_run=True, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, datamodule=dm)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert next(model.backbone.parameters()).dtype == torch.bfloat16
+    for cast in (lambda m: m, lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.float()):
+        cast(model)
+        buffers = dict(model.backbone.named_buffers())
+        for name, table in loaded.items():
+            assert buffers[name].dtype == torch.float32 and torch.equal(buffers[name], table), name
