@@ -110,7 +110,7 @@ class PromptModule(Feeding, L.LightningModule):
         info = {"sentinel_id": vocab.get("<extra_id_0>")}
         try:
             if readout == "generate":
-                self.readout = Generator(self.kind, self.tokenizer.eos_token_id, max_new_tokens)
+                self.readout = Generator(self.kind, self.tokenizer.eos_token_id, max_new_tokens, self.tokenizer)
             elif readout == "span":
                 self.readout = SpanHead(self.hidden_size, max_new_tokens)
             else:

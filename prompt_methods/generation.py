@@ -22,13 +22,23 @@ class Generator(nn.Module):
         kind: ``causal`` or ``seq2seq``.
         eos_id: token that ends an answer.
         max_new_tokens: the longest answer generated.
+        tokenizer: with it, a causal row also stops at a line break that follows some text: an
+            answer is the first line of its stripped text (``PromptModule.answer_texts``), so what
+            came after was decoded only to be cut off (an instruct model's zero-shot answers run on
+            in sentences to ``max_new_tokens``). The answers are the same.
     """
 
-    def __init__(self, kind: str, eos_id: int, max_new_tokens: int = 24):
+    def __init__(self, kind: str, eos_id: int, max_new_tokens: int = 24, tokenizer=None):
         super().__init__()
         if kind not in ("causal", "seq2seq"):
             raise ValueError(f"generation needs a causal or seq2seq backbone, not {kind}")
         self.kind, self.eos_id, self.max_new_tokens = kind, eos_id, max_new_tokens
+        self.line_ends = tokenizer is not None and kind == "causal"
+        if self.line_ends:
+            text, breaks, ends = line_break_tables(tokenizer)
+            self.register_buffer("token_has_text", text, persistent=False)
+            self.register_buffer("token_breaks", breaks, persistent=False)
+            self.register_buffer("token_ends_line", ends, persistent=False)
 
     @staticmethod
     def _positions_after(feed: Feed, mask: torch.Tensor) -> torch.Tensor | None:
@@ -67,11 +77,15 @@ class Generator(nn.Module):
             out = base_forward(backbone, feed, use_cache=True)
             cache, hidden, steps = out.past_key_values, out.last_hidden_state[:, -1], []
             done = torch.zeros(B, dtype=torch.bool, device=hidden.device)
+            has_text = torch.zeros_like(done)  # a row has produced more than whitespace
             for _ in range(self.max_new_tokens):
                 nxt = backbone.get_output_embeddings()(hidden).argmax(-1)  # (B,)
                 nxt = nxt.masked_fill(done, self.eos_id)
                 steps.append(nxt)
                 done |= nxt == self.eos_id
+                if self.line_ends and nxt.max() < self.token_has_text.numel():
+                    done |= self.token_ends_line[nxt] | (has_text & self.token_breaks[nxt])
+                    has_text |= self.token_has_text[nxt]
                 if done.all():
                     break
                 embeds = backbone.get_input_embeddings()(nxt[:, None]).to(feed.inputs_embeds.dtype)
@@ -83,3 +97,15 @@ class Generator(nn.Module):
         for row in tokens.tolist():
             answers.append(row[: row.index(self.eos_id)] if self.eos_id in row else row)
         return answers
+
+
+def line_break_tables(tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per token id (V,): its text holds more than whitespace; it holds a line break; it holds text
+    and then a line break. A token that decodes to part of a character (U+FFFD) counts as neither
+    text nor text-then-break, so a row never stops earlier than the decoded answer would end."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=True)
+    clean = [t.replace("\ufffd", " ") for t in texts]
+    has_text = torch.tensor([bool(t.strip()) for t in clean])
+    breaks = torch.tensor(["\n" in t for t in texts])
+    ends = torch.tensor(["\n" in t.lstrip() for t in clean])
+    return has_text, breaks, ends

@@ -75,7 +75,7 @@ def test_generation_with_grouped_attention(tiny, squad_file):  # noqa: F811
                 **kwargs)
     model.setup("test")
     model.eval()
-    model.readout.eos_id = -1
+    model.readout.eos_id, model.readout.line_ends = -1, False
     batch = next(iter(dm.val_dataloader()))
     with torch.no_grad():
         assert model.readout.generate(model.backbone, model.feed(batch)) == greedy_without_cache(model, batch, 4)

@@ -81,7 +81,7 @@ def test_generation_with_each_method_matches_uncached(name, tiny, squad_file):
     dm = make_qa(backbone, squad_file)
     model = cls(backbone=backbone, verbalizer=dm.verbalizer, max_new_tokens=4, **kwargs)
     model.eval()
-    model.readout.eos_id = -1  # never stop early, so all 4 steps are compared
+    model.readout.eos_id, model.readout.line_ends = -1, False  # never stop early: all 4 steps compared
     batch = next(iter(dm.val_dataloader()))
     with torch.no_grad():
         cached = model.readout.generate(model.backbone, model.feed(batch))
@@ -199,7 +199,7 @@ def test_generation_and_answer_loss_with_a_shared_prompt_row(case, tiny, squad_f
         torch.manual_seed(0)
         model = make(share)
         model.configure_trainable()
-        model.readout.eos_id = -1  # never stop early, so all 4 steps are compared
+        model.readout.eos_id, model.readout.line_ends = -1, False  # never stop early: all 4 steps compared
         feed = model.feed(batch)
         assert (feed.prompt_row is not None) is share
         if share and case != "soft_prompt":  # the 3 leading slots and more left the rows
@@ -216,3 +216,40 @@ def test_generation_and_answer_loss_with_a_shared_prompt_row(case, tiny, squad_f
     assert grads[1] and all(g.abs().max() > 0 for g in grads[1])
     for a, b in zip(grads[0], grads[1], strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_generation_stops_at_a_line_break_after_text(tiny, squad_file):
+    """An answer is the first line of the stripped generated text, so a row stops at a line break
+    that follows text: the same answers in fewer decoding steps. A leading line break does not
+    stop it. The LM head is scripted to produce known texts."""
+    backbone = tiny("llama")
+    dm = make_qa(backbone, squad_file)
+    model = SoftPrompt(backbone=backbone, verbalizer=dm.verbalizer, num_virtual_tokens=2, max_new_tokens=16).eval()
+    tok = model.tokenizer
+    batch = next(iter(dm.val_dataloader()))
+    B, vocab = len(batch["ids"]), model.backbone.get_input_embeddings().num_embeddings
+    texts = ["great\nthe movie was", "\ngreat movie\nthe end"]
+    scripts = [tok.encode(texts[b % 2], add_special_tokens=False) for b in range(B)]
+    assert all(tok.decode(s) == texts[b % 2] for b, s in enumerate(scripts))  # the tokenizer has line breaks
+    filler = tok.encode(" the", add_special_tokens=False)[0]
+
+    class ScriptedHead:
+        calls = 0
+
+        def __call__(self, hidden):
+            step, logits = self.calls, torch.zeros(hidden.size(0), vocab)
+            for b in range(hidden.size(0)):
+                logits[b, scripts[b][step] if step < len(scripts[b]) else filler] = 1.0
+            self.calls += 1
+            return logits
+
+    runs = {}
+    for line_ends in (True, False):
+        head = ScriptedHead()
+        model.readout.line_ends = line_ends
+        model.backbone.get_output_embeddings = lambda: head  # noqa: B023
+        runs[line_ends] = (model.answer_texts(batch), head.calls)
+    assert runs[True][0] == runs[False][0] == ["great", "great movie"] * (B // 2) + ["great"] * (B % 2)
+    # a row's last step is the first whose text so far, stripped on the left, holds a line break
+    ends = [next(k for k in range(1, len(s) + 1) if "\n" in tok.decode(s[:k]).lstrip()) for s in scripts]
+    assert runs[False][1] == 16 and runs[True][1] == max(ends) < 16
