@@ -24,8 +24,7 @@ class Generator(nn.Module):
         max_new_tokens: the longest answer generated.
         tokenizer: with it, a causal row also stops at a line break that follows some text: an
             answer is the first line of its stripped text (``PromptModule.answer_texts``), so what
-            came after was decoded only to be cut off (an instruct model's zero-shot answers run on
-            in sentences to ``max_new_tokens``). The answers are the same.
+            came after was decoded only to be cut off. The answers are the same.
     """
 
     def __init__(self, kind: str, eos_id: int, max_new_tokens: int = 24, tokenizer=None):
