@@ -110,7 +110,9 @@ class PromptModule(Feeding, L.LightningModule):
         info = {"sentinel_id": vocab.get("<extra_id_0>")}
         try:
             if readout == "generate":
-                self.readout = Generator(self.kind, self.tokenizer.eos_token_id, max_new_tokens, self.tokenizer)
+                head = self.backbone.get_output_embeddings()
+                vocab_size = max(self.backbone.get_input_embeddings().num_embeddings, getattr(head, "out_features", 0))
+                self.readout = Generator(self.kind, self.tokenizer.eos_token_id, max_new_tokens, self.tokenizer, vocab_size)
             elif readout == "span":
                 self.readout = SpanHead(self.hidden_size, max_new_tokens)
             else:

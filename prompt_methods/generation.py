@@ -25,16 +25,17 @@ class Generator(nn.Module):
         tokenizer: with it, a causal row also stops at a line break that follows some text: an
             answer is the first line of its stripped text (``PromptModule.answer_texts``), so what
             came after was decoded only to be cut off. The answers are the same.
+        vocab_size: the ids the LM head scores, when more than the tokenizer's (padded rows).
     """
 
-    def __init__(self, kind: str, eos_id: int, max_new_tokens: int = 24, tokenizer=None):
+    def __init__(self, kind: str, eos_id: int, max_new_tokens: int = 24, tokenizer=None, vocab_size: int = 0):
         super().__init__()
         if kind not in ("causal", "seq2seq"):
             raise ValueError(f"generation needs a causal or seq2seq backbone, not {kind}")
         self.kind, self.eos_id, self.max_new_tokens = kind, eos_id, max_new_tokens
         self.line_ends = tokenizer is not None and kind == "causal"
         if self.line_ends:
-            text, breaks, ends = line_break_tables(tokenizer)
+            text, breaks, ends = line_break_tables(tokenizer, vocab_size)
             self.register_buffer("token_has_text", text, persistent=False)
             self.register_buffer("token_breaks", breaks, persistent=False)
             self.register_buffer("token_ends_line", ends, persistent=False)
@@ -82,7 +83,7 @@ class Generator(nn.Module):
                 nxt = nxt.masked_fill(done, self.eos_id)
                 steps.append(nxt)
                 done |= nxt == self.eos_id
-                if self.line_ends and nxt.max() < self.token_has_text.numel():
+                if self.line_ends:
                     done |= self.token_ends_line[nxt] | (has_text & self.token_breaks[nxt])
                     has_text |= self.token_has_text[nxt]
                 if done.all():
@@ -98,11 +99,13 @@ class Generator(nn.Module):
         return answers
 
 
-def line_break_tables(tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def line_break_tables(tokenizer, size: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per token id (V,): its text holds more than whitespace; it holds a line break; it holds text
     and then a line break. A token that decodes to part of a character (U+FFFD) counts as neither
-    text nor text-then-break, so a row never stops earlier than the decoded answer would end."""
+    text nor text-then-break, so a row never stops earlier than the decoded answer would end. Ids
+    past the tokenizer's, up to ``size`` (an LM head's padded rows), count as none of them."""
     texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=True)
+    texts += [""] * (size - len(texts))
     clean = [t.replace("\ufffd", " ") for t in texts]
     has_text = torch.tensor([bool(t.strip()) for t in clean])
     breaks = torch.tensor(["\n" in t for t in texts])

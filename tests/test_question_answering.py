@@ -232,6 +232,7 @@ def test_generation_stops_at_a_line_break_after_text(tiny, squad_file):
     scripts = [tok.encode(texts[b % 2], add_special_tokens=False) for b in range(B)]
     assert all(tok.decode(s) == texts[b % 2] for b, s in enumerate(scripts))  # the tokenizer has line breaks
     filler = tok.encode(" the", add_special_tokens=False)[0]
+    assert model.readout.token_has_text.numel() == max(vocab, len(tok))  # any id the head can pick
 
     class ScriptedHead:
         calls = 0
