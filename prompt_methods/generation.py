@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
+from prompt_methods.prompt_cache import output_cache
 from prompt_methods.readout import Feed, base_forward
 
 
@@ -75,7 +76,7 @@ class Generator(nn.Module):
             tokens = out[:, 1:]
         else:
             out = base_forward(backbone, feed, use_cache=True)
-            cache, hidden, steps = out.past_key_values, out.last_hidden_state[:, -1], []
+            cache, hidden, steps = output_cache(out), out.last_hidden_state[:, -1], []
             done = torch.zeros(B, dtype=torch.bool, device=hidden.device)
             has_text = torch.zeros_like(done)  # a row has produced more than whitespace
             for _ in range(self.max_new_tokens):
@@ -91,7 +92,7 @@ class Generator(nn.Module):
                 embeds = backbone.get_input_embeddings()(nxt[:, None]).to(feed.inputs_embeds.dtype)
                 feed = self._extend(feed, embeds, torch.ones_like(nxt[:, None]), cache)
                 out = base_forward(backbone, feed, use_cache=True)
-                cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]
+                cache, hidden = output_cache(out), out.last_hidden_state[:, -1]
             tokens = torch.stack(steps, 1)
         answers = []
         for row in tokens.tolist():

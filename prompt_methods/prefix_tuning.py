@@ -11,15 +11,13 @@ P embeddings (Li & Liang); without it they are free parameters (P-tuning v2).
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import nn
 
 from prompt_methods.backbone import BackboneError
 from prompt_methods.base import PromptModule
 from prompt_methods.peft_format import check_adapter, read_adapter
-from prompt_methods.prompt_cache import expanded_cache, new_cache
+from prompt_methods.prompt_cache import cache_keyword, expanded_cache, new_cache
 from prompt_methods.readout import Feed
 
 
@@ -47,7 +45,7 @@ class PrefixTuning(PromptModule):
     def __init__(self, num_virtual_tokens: int = 10, reparameterize: bool = False, mlp_hidden: int = 512,
                  init: str = "text", init_text: str | None = "Classify the text.", adapter: str | None = None, **kwargs):
         super().__init__(**kwargs)
-        if self.kind == "seq2seq" or "past_key_values" not in inspect.signature(self.backbone.base_model.forward).parameters:
+        if self.kind == "seq2seq" or cache_keyword(self.backbone.base_model) is None:
             raise BackboneError(
                 f"model.class_path: PrefixTuning needs a decoder or encoder backbone that takes a key/value cache; "
                 f"{type(self.backbone).__name__} ({self.kind}) does not"
@@ -85,7 +83,7 @@ class PrefixTuning(PromptModule):
         """The (P, D) keys/values the frozen backbone computes for ``text`` (cut or repeated to P tokens)."""
         ids = self.text_ids(text, self.n_prefix).unsqueeze(0)
         cache = new_cache(self.backbone, self.kind)
-        self.backbone.base_model(input_ids=ids, past_key_values=cache, use_cache=True)  # fills ``cache``
+        self.backbone.base_model(input_ids=ids, use_cache=True, **{cache_keyword(self.backbone.base_model): cache})  # fills it
         keys = [layer.keys[0] for layer in cache.layers]  # L x (kv, P, hd)
         values = [layer.values[0] for layer in cache.layers]
         kv = torch.stack([torch.stack(keys), torch.stack(values)], 1)  # (L, 2, kv, P, hd)

@@ -20,11 +20,38 @@ running the prompt in every row (the tests compare them).
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+#: the keyword a model's forward takes its key/value cache under, newest first: transformers 5.24
+#: renamed ``past_key_values`` to ``cache`` (the old name warns, and goes in 5.40)
+CACHE_KEYWORDS = ("cache", "past_key_values")
+
+
+def cache_keyword(model) -> str | None:
+    """The keyword under which ``model.forward`` takes a key/value cache (``CACHE_KEYWORDS``), or
+    None where it takes none, so prompts reach the backbone under whichever name its release uses."""
+    return _forward_cache_keyword(type(model).forward)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_cache_keyword(forward) -> str | None:
+    params = inspect.signature(forward).parameters
+    return next((name for name in CACHE_KEYWORDS if name in params), None)
+
+
+def output_cache(out):
+    """The cache a transformers model output returns (``cache`` from 5.24 on, ``past_key_values``
+    before), or None."""
+    for name in CACHE_KEYWORDS:
+        if name in out:  # a ModelOutput holds only its fields that are set
+            return out[name]
+    return None
 
 
 def new_cache(backbone, kind: str) -> DynamicCache:

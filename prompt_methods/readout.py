@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prompt_methods.prompt_cache import cache_keyword, output_cache
+
 
 @dataclass
 class Feed:
@@ -84,7 +86,7 @@ def base_forward(backbone, feed: Feed, use_cache: bool = False):
     if feed.position_ids is not None:
         kwargs["position_ids"] = feed.position_ids
     if feed.past_key_values is not None:
-        kwargs["past_key_values"] = feed.past_key_values
+        kwargs[cache_keyword(backbone.base_model) or "past_key_values"] = feed.past_key_values
     if backbone.config.is_encoder_decoder:
         return backbone.get_encoder()(**{k: v for k, v in kwargs.items() if k != "use_cache"})
     row = feed.prompt_row
@@ -149,7 +151,7 @@ class CausalLabelWords(_LabelWords):
         logp = F.log_softmax(backbone.get_output_embeddings()(last).float(), dim=-1)  # (B, V)
         scores = logp[:, self.words[:, 0]]  # (B, W)
         if self.multi_token:
-            scores = scores + self._continuations(backbone, feed, out.past_key_values)
+            scores = scores + self._continuations(backbone, feed, output_cache(out))
         return self.aggregate(scores)
 
     def _continuations(self, backbone, feed: Feed, cache) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from prompt_methods import HardPrompt, SoftPrompt
 from prompt_methods.backbone import BackboneError, detect_kind, load_backbone, resolve
@@ -64,3 +65,31 @@ def test_trust_remote_code_stays_off(tiny, make_data, monkeypatch):
     SoftPrompt(backbone=tiny("llama"), verbalizer=dm.verbalizer, num_virtual_tokens=2)
     assert {name for name, _ in seen} == {"AutoConfig", "AutoTokenizer", "AutoModelForCausalLM"}
     assert all(flag is False for _, flag in seen), seen
+
+
+def test_cache_keyword_follows_the_transformers_release(tiny):
+    """transformers 5.24 renamed the forward's ``past_key_values`` to ``cache``: prompts reach the
+    backbone under whichever name its release takes, and the returned cache is read under either."""
+    from torch import nn
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    from prompt_methods.prompt_cache import cache_keyword, new_cache, output_cache
+
+    class Before(nn.Module):
+        def forward(self, inputs_embeds=None, past_key_values=None, **kwargs): ...
+
+    class After(nn.Module):
+        def forward(self, inputs_embeds=None, cache=None, use_cache=None, **kwargs): ...
+
+    class Neither(nn.Module):
+        def forward(self, inputs_embeds=None, **kwargs): ...
+
+    assert cache_keyword(Before()) == "past_key_values"
+    assert cache_keyword(After()) == "cache"
+    assert cache_keyword(Neither()) is None
+    model, kind = load_backbone(tiny("llama"))
+    assert cache_keyword(model.base_model) in ("cache", "past_key_values")
+    cache = new_cache(model, kind)
+    assert output_cache({"last_hidden_state": None, "past_key_values": cache}) is cache  # an older release's output
+    assert output_cache(BaseModelOutputWithPast(last_hidden_state=torch.zeros(1), **{cache_keyword(model.base_model): cache})) is cache
+    assert output_cache(BaseModelOutputWithPast(last_hidden_state=torch.zeros(1))) is None
