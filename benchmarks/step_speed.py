@@ -1,14 +1,20 @@
 """Train-step and forward speed of each method on the packaged SmolLM2, per precision setup.
 
     python benchmarks/step_speed.py --methods soft_prompt prefix_tuning --steps 8 --out benchmarks/results/step_speed.json
+    python benchmarks/step_speed.py --setups fp32 bf16-weights bf16-stream bf16-pure --attn grouped \
+        --rounds 5 --steps 3 --out benchmarks/results/step_speed_precision_rounds.json
 
 Setups: ``fp32`` (32-true), ``bf16-autocast`` (fp32 weights under bf16 autocast, what plain
 ``bf16-mixed`` does), ``bf16-weights`` (frozen backbone stored in bf16 under autocast: what
 ``backbone_dtype: auto`` picks with ``bf16-mixed``, with the fp32 residual stream of
-``residual_dtype: float32``; results recorded before it came to this script had a bf16 stream), ``bf16-pure`` (bf16 weights, no autocast: activations stay bf16, method parameters
+``residual_dtype: float32``; results recorded before it came to this script had a bf16 stream),
+``bf16-stream`` (the same with ``residual_dtype: bfloat16``: hidden states between the layers in
+bf16 too), ``bf16-pure`` (bf16 weights, no autocast: activations stay bf16, method parameters
 fp32 and cast on use), each with eager or sdpa attention; ``--compile`` compiles each layer first
 (``model.init_args.compile``; ``train_first_s`` then includes the compile). ``--profile N`` prints the N costliest
-operators of a train step (torch.profiler, CPU time).
+operators of a train step (torch.profiler, CPU time). ``--rounds R`` builds every setup of a method
+first and times them in turn, R times, keeping each one's median round: on this VM a throughput
+moves by 5-15% from one minute to the next, so only setups timed side by side compare.
 Times the raw module step (forward, backward, AdamW) so the numbers isolate the model; "forward"
 is the same loss computed without gradients. ``--task`` picks any task (its DataModule by family).
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -36,14 +43,15 @@ METHODS = {
 }
 
 
-def measure(task: str, method: str, setup: str, attn: str, batch: dict, verbalizer, steps: int, profile: int = 0,
-            compile_layers: bool = False) -> dict:
+def build(method: str, setup: str, attn: str, batch: dict, verbalizer, compile_layers: bool = False):
+    """The module for one setup and its two timed closures: a train step and a forward without gradients."""
     cls, kwargs = METHODS[method]
     model = cls(backbone="smollm2-135m", verbalizer=verbalizer, **kwargs)
     model.configure_trainable()
-    if setup in ("bf16-weights", "bf16-pure") and not model.tune_backbone:
+    if setup in ("bf16-weights", "bf16-stream", "bf16-pure") and not model.tune_backbone:
         model.cast_backbone(torch.bfloat16)
-        if setup == "bf16-weights":  # as PromptModule.setup under bf16-mixed
+        if setup != "bf16-pure":  # as PromptModule.setup under bf16-mixed, with residual_dtype float32 / bfloat16
+            model.residual_dtype = "float32" if setup == "bf16-weights" else "bfloat16"
             model.choose_residual_stream(torch.bfloat16, "bf16-mixed")
     model.backbone.set_attn_implementation(attn)
     if compile_layers:
@@ -62,21 +70,37 @@ def measure(task: str, method: str, setup: str, attn: str, batch: dict, verbaliz
         with torch.no_grad(), ctx():
             model.loss(batch)
 
+    return train_step, forward
+
+
+def timed(fn, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - start) / steps
+
+
+def row(task: str, method: str, setup: str, attn: str, compile_layers: bool, batch: dict, train_s: float,
+        forward_s: float, **extra) -> dict:
     size = len(batch["ids"])
-    out = {"task": task, "method": method, "setup": setup, "attn": attn, "compile": compile_layers, "batch": size,
-           "seq_len": int(batch["input_ids"].shape[1])}
+    return {"task": task, "method": method, "setup": setup, "attn": attn, "compile": compile_layers, "batch": size,
+            "seq_len": int(batch["input_ids"].shape[1]), **extra,
+            "train_s": round(train_s, 4), "train_samples_per_s": round(size / train_s, 2),
+            "forward_s": round(forward_s, 4), "forward_samples_per_s": round(size / forward_s, 2),
+            "train_over_forward": round(train_s / forward_s, 2)}
+
+
+def measure(task: str, method: str, setup: str, attn: str, batch: dict, verbalizer, steps: int, profile: int = 0,
+            compile_layers: bool = False) -> dict:
+    """One setup on its own: first calls (the compile, when compiling), then ``steps`` timed calls of each."""
+    train_step, forward = build(method, setup, attn, batch, verbalizer, compile_layers)
+    first = {}
     for name, fn in (("train", train_step), ("forward", forward)):
         start = time.perf_counter()
         fn()  # the first call compiles, when compiling
-        out[f"{name}_first_s"] = round(time.perf_counter() - start, 2)
+        first[f"{name}_first_s"] = round(time.perf_counter() - start, 2)
         fn()
-        start = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        sec = (time.perf_counter() - start) / steps
-        out[f"{name}_s"] = round(sec, 4)
-        out[f"{name}_samples_per_s"] = round(size / sec, 2)
-    out["train_over_forward"] = round(out["train_s"] / out["forward_s"], 2)
+    out = row(task, method, setup, attn, compile_layers, batch, timed(train_step, steps), timed(forward, steps), **first)
     if profile:
         from torch.profiler import ProfilerActivity, profile as torch_profile
 
@@ -85,6 +109,31 @@ def measure(task: str, method: str, setup: str, attn: str, batch: dict, verbaliz
         print(f"--- {method} {setup} {attn}: one train step")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=profile))
     return out
+
+
+def measure_interleaved(task: str, method: str, setups: list[str], attn: str, batch: dict, verbalizer, steps: int,
+                        rounds: int) -> list[dict]:
+    """Every setup built first, then timed in turn, ``rounds`` times (``steps`` train steps, then
+    ``steps`` forwards, per setup and round): a slow spell of the machine falls on all of them.
+    Reports each setup's median round, and its ratio to the first setup's (``fp32`` by default)."""
+    built = {setup: build(method, setup, attn, batch, verbalizer) for setup in setups}
+    for train_step, forward in built.values():  # warm-up: first calls allocate and pick kernels
+        train_step(), forward()
+    times = {setup: {"train": [], "forward": []} for setup in setups}
+    for _ in range(rounds):
+        for setup, (train_step, forward) in built.items():
+            times[setup]["train"].append(timed(train_step, steps))
+            times[setup]["forward"].append(timed(forward, steps))
+    rows = []
+    for setup in setups:
+        train_s, forward_s = (statistics.median(times[setup][k]) for k in ("train", "forward"))
+        rows.append(row(task, method, setup, attn, False, batch, train_s, forward_s, rounds=rounds, steps_per_round=steps,
+                        train_rounds_s=[round(t, 4) for t in times[setup]["train"]],
+                        forward_rounds_s=[round(t, 4) for t in times[setup]["forward"]]))
+    base = rows[0]["train_s"]
+    for r in rows:
+        r[f"train_speedup_over_{setups[0]}"] = round(base / r["train_s"], 2)
+    return rows
 
 
 def main() -> None:
@@ -99,6 +148,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="torch.compile each layer (model.init_args.compile)")
     parser.add_argument("--profile", type=int, default=0, help="print the N costliest operators of a train step")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="build every setup of a method, then time them in turn this many times and keep the median "
+                             "round (steps per setup and round: --steps); 0: one setup after another")
     parser.add_argument("--out", default="benchmarks/results/step_speed.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -108,11 +160,15 @@ def main() -> None:
     batch = next(iter(dm.train_dataloader()))
     rows = []
     for method in args.methods:
-        for setup in args.setups:
-            for attn in args.attn:
-                row = measure(args.task, method, setup, attn, batch, dm.verbalizer, args.steps, args.profile, args.compile)
-                print(json.dumps(row), flush=True)
-                rows.append(row)
+        for attn in args.attn:
+            if args.rounds:
+                got = measure_interleaved(args.task, method, args.setups, attn, batch, dm.verbalizer, args.steps, args.rounds)
+            else:
+                got = [measure(args.task, method, setup, attn, batch, dm.verbalizer, args.steps, args.profile, args.compile)
+                       for setup in args.setups]
+            for r in got:
+                print(json.dumps(r), flush=True)
+            rows.extend(got)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"threads": args.threads, "torch": torch.__version__, "rows": rows}, indent=1))
 
