@@ -20,6 +20,11 @@ COLUMNS = ["task", "method", "impl", "seed", "metric", "value", "trainable_param
            "train_samples_per_s", "eval_samples_per_s", "peak_mem_mb", "wall_s", "checkpoint_bytes"]
 
 
+def _number(value) -> float:
+    """A row's number; None (how results.json stores a missing one, JSON having no NaN) is NaN."""
+    return float("nan") if value is None else float(value)
+
+
 def _numbers(values: list[float]) -> list[float]:
     return [v for v in values if v == v]  # drop NaN
 
@@ -54,8 +59,8 @@ def summarize(rows: list[dict]) -> list[dict]:
         entry = {"task": task, "method": method, "impl": impl, "metric": group[0]["metric"], "seeds": len(group)}
         for col in ("value", "trainable_params", "train_samples_per_s", "eval_samples_per_s", "peak_mem_mb",
                     "checkpoint_bytes", "wall_s"):
-            entry[col], entry[col + "_std"] = _mean_std([float(r[col]) for r in group])
-        scores = _numbers([float(r["value"]) for r in group])
+            entry[col], entry[col + "_std"] = _mean_std([_number(r[col]) for r in group])
+        scores = _numbers([_number(r["value"]) for r in group])
         entry["value_median"] = statistics.median(scores) if scores else float("nan")
         entry["value_min"] = min(scores) if scores else float("nan")
         out.append(entry)

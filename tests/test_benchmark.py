@@ -173,3 +173,21 @@ def test_table_shows_median_and_worst_seed():
     # PEFT ran seed 1 only (an interrupted grid): the comparison pairs that seed, not three seeds against one
     md = markdown({"name": "t", "seeds": [1, 2, 3], "budget": {"steps": 10}}, rows[:3] + rows[3:4])
     assert "| sst2 | soft_prompt | 1 | 1.50x | 1.00x | 1.00x | +1.0 | +1.0 |" in md
+
+
+def test_report_reads_back_its_own_results_json(tmp_path):
+    """results.json stores a missing number (a zero-shot run's train throughput, NaN) as null: rows
+    read back from it, e.g. to rebuild a table from a recorded results file, make the same table."""
+    from benchmarks.report import markdown, write_report
+
+    def row(method, seed, train):
+        return {"task": "sst2", "method": method, "impl": "promptlit", "seed": seed, "metric": "acc", "value": 0.8,
+                "trainable_params": 0, "total_params": 1000, "train_samples_per_s": train, "eval_samples_per_s": 20.0,
+                "peak_mem_mb": 500.0, "wall_s": 60.0, "checkpoint_bytes": 0}
+
+    grid = {"name": "t", "out": str(tmp_path), "seeds": [1, 2], "budget": {"steps": 10}}
+    rows = [row("zero_shot", s, float("nan")) for s in (1, 2)] + [row("soft_prompt", s, 15.0) for s in (1, 2)]
+    write_report(grid, rows)
+    stored = json.loads((tmp_path / "results.json").read_text())
+    assert stored[-1]["train_samples_per_s"] is None  # zero_shot sorts last
+    assert markdown(grid, stored) == markdown(grid, rows)
