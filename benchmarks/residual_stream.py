@@ -48,6 +48,15 @@ def build(method: str, verbalizer, precision: str, residual: str, state: dict | 
     return model
 
 
+def training_batches(task: str, method: str, batch_size: int, n: int):
+    """The task's DataModule and its first ``n`` training batches (on SST-2 with the method's template)."""
+    template = METHODS[method][2] if task == "sst2" else None
+    dm = DATAMODULES[load_task(task).family](task=task, batch_size=batch_size, seed=1, max_train_samples=batch_size * n,
+                                             **({"template": template} if template else {}))
+    dm.setup("fit")
+    return dm, list(dm.train_dataloader())[:n]
+
+
 def gradient(model, batch, autocast: bool) -> torch.Tensor:
     model.zero_grad()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -70,12 +79,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = []
     for method in args.methods:
-        template = METHODS[method][2] if args.task == "sst2" else None
-        dm = DATAMODULES[load_task(args.task).family](task=args.task, batch_size=args.batch_size, seed=1,
-                                                      max_train_samples=args.batch_size * args.batches,
-                                                      **({"template": template} if template else {}))
-        dm.setup("fit")
-        batches = list(dm.train_dataloader())[: args.batches]
+        dm, batches = training_batches(args.task, method, args.batch_size, args.batches)
         residuals = ("float32", "bfloat16")
         row = {"task": args.task, "method": method, "batch": args.batch_size, "init_seeds": args.init_seeds,
                "lengths": [int(b["input_ids"].shape[1]) for b in batches], "cosine": {r: [] for r in residuals}}

@@ -10,7 +10,9 @@ Setups: ``fp32`` (32-true), ``bf16-autocast`` (fp32 weights under bf16 autocast,
 ``residual_dtype: float32``; results recorded before it came to this script had a bf16 stream),
 ``bf16-stream`` (the same with ``residual_dtype: bfloat16``: hidden states between the layers in
 bf16 too), ``bf16-pure`` (bf16 weights, no autocast: activations stay bf16, method parameters
-fp32 and cast on use), each with eager or sdpa attention; ``--compile`` compiles each layer first
+fp32 and cast on use), each with eager or sdpa attention, and ``peft`` (the method through
+``peft.get_peft_model`` as the benchmark's PEFT peer runs it: fp32 weights under bf16 autocast,
+SDPA attention; needs the ``bench`` extra); ``--compile`` compiles each layer first
 (``model.init_args.compile``; ``train_first_s`` then includes the compile). ``--profile N`` prints the N costliest
 operators of a train step (torch.profiler, CPU time). ``--rounds R`` builds every setup of a method
 first and times them in turn, R times, keeping each one's median round: on this VM a throughput
@@ -43,9 +45,17 @@ METHODS = {
 }
 
 
-def build(method: str, setup: str, attn: str, batch: dict, verbalizer, compile_layers: bool = False):
-    """The module for one setup and its two timed closures: a train step and a forward without gradients."""
+def build(method: str, setup: str, attn: str, batch: dict, verbalizer, compile_layers: bool = False,
+          tokens: int | None = None):
+    """The module for one setup and its two timed closures: a train step and a forward without gradients.
+    ``tokens`` overrides the method's ``num_virtual_tokens``."""
     cls, kwargs = METHODS[method]
+    if tokens and "num_virtual_tokens" in kwargs:
+        kwargs = {**kwargs, "num_virtual_tokens": tokens}
+    if setup == "peft":  # the same method through peft.get_peft_model, as the benchmark's peer runs it
+        from prompt_methods.peft_peer import PeftPeer
+
+        cls, kwargs = PeftPeer, {"peft_method": method, "num_virtual_tokens": kwargs["num_virtual_tokens"]}
     model = cls(backbone="smollm2-135m", verbalizer=verbalizer, **kwargs)
     model.configure_trainable()
     if setup in ("bf16-weights", "bf16-stream", "bf16-pure") and not model.tune_backbone:
@@ -53,7 +63,7 @@ def build(method: str, setup: str, attn: str, batch: dict, verbalizer, compile_l
         if setup != "bf16-pure":  # as PromptModule.setup under bf16-mixed, with residual_dtype float32 / bfloat16
             model.residual_dtype = "float32" if setup == "bf16-weights" else "bfloat16"
             model.choose_residual_stream(torch.bfloat16, "bf16-mixed")
-    model.backbone.set_attn_implementation(attn)
+    model.backbone.set_attn_implementation("sdpa" if setup == "peft" else attn)  # PEFT: what from_pretrained gives
     if compile_layers:
         runtime.compile_blocks(model.backbone, attention=model.compile_attention)
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if setup not in ("fp32", "bf16-pure") else nullcontext
@@ -91,9 +101,9 @@ def row(task: str, method: str, setup: str, attn: str, compile_layers: bool, bat
 
 
 def measure(task: str, method: str, setup: str, attn: str, batch: dict, verbalizer, steps: int, profile: int = 0,
-            compile_layers: bool = False) -> dict:
+            compile_layers: bool = False, tokens: int | None = None) -> dict:
     """One setup on its own: first calls (the compile, when compiling), then ``steps`` timed calls of each."""
-    train_step, forward = build(method, setup, attn, batch, verbalizer, compile_layers)
+    train_step, forward = build(method, setup, attn, batch, verbalizer, compile_layers, tokens)
     first = {}
     for name, fn in (("train", train_step), ("forward", forward)):
         start = time.perf_counter()
@@ -112,11 +122,11 @@ def measure(task: str, method: str, setup: str, attn: str, batch: dict, verbaliz
 
 
 def measure_interleaved(task: str, method: str, setups: list[str], attn: str, batch: dict, verbalizer, steps: int,
-                        rounds: int) -> list[dict]:
+                        rounds: int, tokens: int | None = None) -> list[dict]:
     """Every setup built first, then timed in turn, ``rounds`` times (``steps`` train steps, then
     ``steps`` forwards, per setup and round): a slow spell of the machine falls on all of them.
     Reports each setup's median round, and its ratio to the first setup's (``fp32`` by default)."""
-    built = {setup: build(method, setup, attn, batch, verbalizer) for setup in setups}
+    built = {setup: build(method, setup, attn, batch, verbalizer, tokens=tokens) for setup in setups}
     for train_step, forward in built.values():  # warm-up: first calls allocate and pick kernels
         train_step(), forward()
     times = {setup: {"train": [], "forward": []} for setup in setups}
@@ -128,6 +138,7 @@ def measure_interleaved(task: str, method: str, setups: list[str], attn: str, ba
     for setup in setups:
         train_s, forward_s = (statistics.median(times[setup][k]) for k in ("train", "forward"))
         rows.append(row(task, method, setup, attn, False, batch, train_s, forward_s, rounds=rounds, steps_per_round=steps,
+                        virtual_tokens=tokens or METHODS[method][1].get("num_virtual_tokens"),
                         train_rounds_s=[round(t, 4) for t in times[setup]["train"]],
                         forward_rounds_s=[round(t, 4) for t in times[setup]["forward"]]))
     base = rows[0]["train_s"]
@@ -148,6 +159,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="torch.compile each layer (model.init_args.compile)")
     parser.add_argument("--profile", type=int, default=0, help="print the N costliest operators of a train step")
+    parser.add_argument("--tokens", type=int, help="num_virtual_tokens of every method (default: 20, 20, 6)")
     parser.add_argument("--rounds", type=int, default=0,
                         help="build every setup of a method, then time them in turn this many times and keep the median "
                              "round (steps per setup and round: --steps); 0: one setup after another")
@@ -162,10 +174,11 @@ def main() -> None:
     for method in args.methods:
         for attn in args.attn:
             if args.rounds:
-                got = measure_interleaved(args.task, method, args.setups, attn, batch, dm.verbalizer, args.steps, args.rounds)
+                got = measure_interleaved(args.task, method, args.setups, attn, batch, dm.verbalizer, args.steps, args.rounds,
+                                          args.tokens)
             else:
-                got = [measure(args.task, method, setup, attn, batch, dm.verbalizer, args.steps, args.profile, args.compile)
-                       for setup in args.setups]
+                got = [measure(args.task, method, setup, attn, batch, dm.verbalizer, args.steps, args.profile, args.compile,
+                                   args.tokens) for setup in args.setups]
             for r in got:
                 print(json.dumps(r), flush=True)
             rows.extend(got)
