@@ -56,12 +56,13 @@ def build(method: str, setup: str, attn: str, batch: dict, verbalizer, compile_l
         from prompt_methods.peft_peer import PeftPeer
 
         cls, kwargs = PeftPeer, {"peft_method": method, "num_virtual_tokens": kwargs["num_virtual_tokens"]}
+    elif setup == "bf16-stream":
+        kwargs = {**kwargs, "residual_dtype": "bfloat16"}
     model = cls(backbone="smollm2-135m", verbalizer=verbalizer, **kwargs)
     model.configure_trainable()
     if setup in ("bf16-weights", "bf16-stream", "bf16-pure") and not model.tune_backbone:
         model.cast_backbone(torch.bfloat16)
-        if setup != "bf16-pure":  # as PromptModule.setup under bf16-mixed, with residual_dtype float32 / bfloat16
-            model.residual_dtype = "float32" if setup == "bf16-weights" else "bfloat16"
+        if setup != "bf16-pure":  # as PromptModule.setup under bf16-mixed
             model.choose_residual_stream(torch.bfloat16, "bf16-mixed")
     model.backbone.set_attn_implementation("sdpa" if setup == "peft" else attn)  # PEFT: what from_pretrained gives
     if compile_layers:
