@@ -161,6 +161,7 @@ def cell_config(grid: dict, cell: dict, cell_dir: Path) -> tuple[dict, str]:
 def run_cell(grid: dict, cell: dict, out: Path) -> dict:
     """Train and test one cell in this process; return its row."""
     import torch
+    import transformers
 
     import train
     from prompt_methods.callbacks import PeakMemory, Throughput, atomic_write_text
@@ -200,7 +201,8 @@ def run_cell(grid: dict, cell: dict, out: Path) -> dict:
         "eval_samples_per_s": speed.get("test_samples_per_s", float("nan")),
         "peak_mem_mb": peak, "wall_s": wall, "checkpoint_bytes": ckpt_bytes,
         "steps": trainer.global_step, "val_score": metrics.get("val/score", float("nan")),
-        "device": str(trainer.strategy.root_device), "torch": torch.__version__, "cell": cell["key"],
+        "device": str(trainer.strategy.root_device), "torch": torch.__version__,
+        "transformers": transformers.__version__, "commit": code_version(), "finished": utc_now(), "cell": cell["key"],
         "test_metrics": {k: v for k, v in metrics.items() if k.startswith("test/")},  # e.g. SQuAD's EM beside its F1
     }
     if trainer.logger is not None:
@@ -240,6 +242,61 @@ def config_change(grid: dict, cell: dict, out: Path) -> str | None:
         return None
     now, _ = cell_config(grid, cell, path.parent)
     return _first_difference(yaml.safe_load(path.read_text()), yaml.safe_load(yaml.safe_dump(now, sort_keys=False)))
+
+
+def code_version() -> str | None:
+    """The checkout's commit (short), with ``+dirty`` when tracked files differ from it; None outside
+    a git checkout. Kept in every row, so a table whose cells ran over several sessions says which
+    code each came from."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
+
+    try:
+        head = git("rev-parse", "--short=10", "HEAD")
+        if head.returncode != 0:
+            return None
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def seed_from_results(grid: dict, path: str, log=print) -> int:
+    """Give the grid's unfinished cells the rows of an earlier recording of it (a ``results.json``
+    written by this runner, e.g. the one committed under ``benchmarks/results/``), so that the run
+    extends that recording instead of repeating it. Returns how many cells were seeded. A row for
+    a cell the grid does not have, or one whose step count is not the grid's budget, is refused."""
+    source = Path(path)
+    if not source.is_file():
+        raise GridError(f"--resume-from: {path} does not exist")
+    try:
+        rows = json.loads(source.read_text())
+    except json.JSONDecodeError as err:
+        raise GridError(f"--resume-from: {path} is not JSON ({err})") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise GridError(f"--resume-from: {path} is not a list of benchmark rows (a results.json)")
+    cells = {c["key"]: c for c in cells_of(grid)}
+    out, seeded, steps = Path(grid["out"]), 0, grid["budget"]["steps"]
+    for i, row in enumerate(rows):
+        missing = [k for k in ("task", "method", "impl", "seed", "value", "steps") if k not in row]
+        if missing:
+            raise GridError(f"--resume-from: {path}, row {i}: no {', '.join(missing)}; not a benchmark row")
+        key = f"{row['task']}-{row['method']}-{row['impl']}-s{row['seed']}"
+        if key not in cells:
+            raise GridError(f"--resume-from: {path}, row {i} ({key}) is not a cell of grid '{grid['name']}'")
+        if METHODS[row["method"]][1] == "fit" and row["steps"] != steps:
+            raise GridError(f"--resume-from: {path}, row {i} ({key}) trained {row['steps']} steps; "
+                            f"grid '{grid['name']}' gives budget.steps {steps}")
+        target = out / "cells" / key / "row.json"
+        if not target.is_file():
+            write_row(target, {**row, "cell": key})
+            seeded += 1
+    log(f"--resume-from {path}: {seeded} of its {len(rows)} rows seeded into {out / 'cells'}")
+    return seeded
 
 
 def write_row(path: Path, row: dict) -> None:
@@ -313,6 +370,9 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
     parser.add_argument("--tasks", nargs="+", help="run only these of the grid's tasks (the table keeps every finished cell)")
     parser.add_argument("--methods", nargs="+", help="run only these of the grid's methods")
     parser.add_argument("--seeds", nargs="+", type=int, help="run only these of the grid's seeds")
+    parser.add_argument("--resume-from", metavar="RESULTS_JSON",
+                        help="first take the finished cells of an earlier recording of this grid (its results.json, "
+                             "e.g. benchmarks/results/full/results.json) and run only the rest")
     parser.add_argument("--cell", help=argparse.SUPPRESS)
     parser.add_argument("--grid-json", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -345,6 +405,11 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
     if args.out:
         grid["out"] = args.out
     grid["out"] = str(Path(grid["out"]).resolve())
+    if args.resume_from:
+        try:
+            seed_from_results(grid, args.resume_from)
+        except GridError as err:
+            sys.exit(f"error: {err}")
     return run_grid(grid, only=only)
 
 

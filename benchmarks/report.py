@@ -89,6 +89,18 @@ def peft_ratios(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _provenance(rows: list[dict]) -> str:
+    """Which code the rows ran at (each row's ``commit``), when they do not all say the same."""
+    commits = defaultdict(int)
+    for row in rows:
+        commits[row.get("commit")] += 1
+    if set(commits) == {None}:
+        return ""
+    named = ", ".join(f"`{c}` ({n})" for c, n in sorted(commits.items(), key=lambda kv: -kv[1]) if c is not None)
+    unnamed = f"; {commits[None]} recorded before rows named their commit" if commits.get(None) else ""
+    return f" Code: {named}{unnamed}."
+
+
 def markdown(grid: dict, rows: list[dict]) -> str:
     summary = summarize(rows)
     budget = grid.get("budget", {})
@@ -99,7 +111,8 @@ def markdown(grid: dict, rows: list[dict]) -> str:
         + (f", {budget['few_shot_k']} examples per class" if budget.get("few_shot_k") else "")
         + f", scored on the first {budget.get('eval_examples', 256)} test examples; seeds {grid['seeds']}. "
         f"Score = test metric x 100, mean ± std over seeds; median and worst seed beside it. {len(rows)} runs"
-        + (f" of the grid's {grid['planned']}." if grid.get("planned", len(rows)) > len(rows) else "."), "",
+        + (f" of the grid's {grid['planned']}." if grid.get("planned", len(rows)) > len(rows) else ".")
+        + _provenance(rows), "",
         "| task | method | impl | metric | score | median | worst | trainable | train samples/s | eval samples/s "
         "| peak MiB | checkpoint |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -191,3 +192,50 @@ def test_report_reads_back_its_own_results_json(tmp_path):
     stored = json.loads((tmp_path / "results.json").read_text())
     assert stored[-1]["train_samples_per_s"] is None  # zero_shot sorts last
     assert markdown(grid, stored) == markdown(grid, rows)
+
+
+def _recorded_row(task, method, impl, seed, steps):
+    return {"task": task, "method": method, "impl": impl, "seed": seed, "metric": "accuracy", "value": 0.5,
+            "trainable_params": 0 if method == "zero_shot" else 10, "total_params": 1000,
+            "train_samples_per_s": None if method == "zero_shot" else 5.0, "eval_samples_per_s": 20.0,
+            "peak_mem_mb": 500.0, "wall_s": 9.0, "checkpoint_bytes": 0, "steps": steps}
+
+
+def test_resume_from_a_recorded_results_json(grid_file, tmp_path, monkeypatch, capsys):
+    """A fresh checkout has the recorded results.json but not the cell folders: --resume-from seeds the
+    grid's cells from it and runs only the rest; rows that do not belong to the grid are refused."""
+    monkeypatch.chdir(benchmark.ROOT)
+    recorded = tmp_path / "results.json"
+    rows = [_recorded_row("sst2", "zero_shot", "promptlit", s, 0) for s in (1, 2)]
+    rows += [_recorded_row("sst2", "soft_prompt", impl, s, 2) for impl in ("promptlit", "peft") for s in (1, 2)]
+    recorded.write_text(json.dumps(rows[:-1]))  # all but the PEFT soft prompt of seed 2
+    out = tmp_path / "extended"
+    got = benchmark.main(["--config", str(grid_file), "--out", str(out), "--resume-from", str(recorded)])
+    log = capsys.readouterr().out
+    assert "5 of its 5 rows seeded" in log and "5 done, 1 to run" in log and "[1/1] sst2-soft_prompt-peft-s2" in log
+    assert len(got) == 6 and "6 runs." in (out / "table.md").read_text()
+    fresh = json.loads((out / "cells" / "sst2-soft_prompt-peft-s2" / "row.json").read_text())
+    kept = json.loads((out / "cells" / "sst2-zero_shot-promptlit-s1" / "row.json").read_text())
+    assert kept["wall_s"] == 9.0 and fresh["wall_s"] != 9.0  # the recorded row is kept, the missing one ran
+    # the new row says which code it ran at and when; the table names that code
+    assert fresh["finished"].endswith("Z") and fresh["transformers"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=benchmark.ROOT, capture_output=True, text=True)
+    if head.returncode == 0:
+        assert head.stdout.startswith(fresh["commit"].removesuffix("+dirty"))
+        assert f"`{fresh['commit']}` (1); 5 recorded before rows named their commit." in (out / "table.md").read_text()
+    # a second seeding changes nothing already there
+    benchmark.main(["--config", str(grid_file), "--out", str(out), "--resume-from", str(recorded)])
+    assert "0 of its 5 rows seeded" in capsys.readouterr().out
+
+    for bad, message in (
+        ([_recorded_row("sst2", "soft_prompt", "promptlit", 1, 7)], r"row 0 \(sst2-soft_prompt-promptlit-s1\) trained 7 steps.*budget.steps 2"),
+        ([_recorded_row("trec", "soft_prompt", "promptlit", 1, 2)], r"row 0 \(trec-soft_prompt-promptlit-s1\) is not a cell of grid 'tinybench'"),
+        ([{"task": "sst2"}], "row 0: no method, impl, seed, value, steps"),
+        ({"rows": []}, "not a list of benchmark rows"),
+    ):
+        recorded.write_text(json.dumps(bad))
+        with pytest.raises(SystemExit, match=r"--resume-from: .*" + message):
+            benchmark.main(["--config", str(grid_file), "--out", str(tmp_path / "other"), "--resume-from", str(recorded)])
+    with pytest.raises(SystemExit, match="--resume-from: .*nothing.json does not exist"):
+        benchmark.main(["--config", str(grid_file), "--out", str(tmp_path / "other"), "--resume-from", str(tmp_path / "nothing.json")])
+    assert not (tmp_path / "other" / "cells").exists()  # a refused file seeds nothing
