@@ -174,6 +174,7 @@ def run_cell(grid: dict, cell: dict, out: Path) -> dict:
     cfg, sub = cell_config(grid, cell, cell_dir)
     cfg_path = cell_dir / "config.yaml"
     atomic_write_text(cfg_path, yaml.safe_dump(cfg, sort_keys=False))
+    probe = cpu_probe()
     start = time.perf_counter()
     cli = train.main([sub, "--config", str(cfg_path)])
     trainer = cli.trainer
@@ -202,7 +203,8 @@ def run_cell(grid: dict, cell: dict, out: Path) -> dict:
         "peak_mem_mb": peak, "wall_s": wall, "checkpoint_bytes": ckpt_bytes,
         "steps": trainer.global_step, "val_score": metrics.get("val/score", float("nan")),
         "device": str(trainer.strategy.root_device), "torch": torch.__version__,
-        "transformers": transformers.__version__, "commit": code_version(), "finished": utc_now(), "cell": cell["key"],
+        "transformers": transformers.__version__, "commit": code_version(), "finished": utc_now(), "cpu_gflops": probe,
+        "cell": cell["key"],
         "test_metrics": {k: v for k, v in metrics.items() if k.startswith("test/")},  # e.g. SQuAD's EM beside its F1
     }
     if trainer.logger is not None:
@@ -242,6 +244,23 @@ def config_change(grid: dict, cell: dict, out: Path) -> str | None:
         return None
     now, _ = cell_config(grid, cell, path.parent)
     return _first_difference(yaml.safe_load(path.read_text()), yaml.safe_load(yaml.safe_dump(now, sort_keys=False)))
+
+
+def cpu_probe(seconds: float = 0.5, size: int = 512) -> float:
+    """GFLOP/s of fp32 ``size`` x ``size`` matmuls on this process's threads, over ``seconds``.
+    Run before each cell and kept in its row (``cpu_gflops``): on a shared VM the machine's speed
+    drifts from one hour to the next, and this says how fast it was when the cell's throughput
+    was measured (cells with a slower probe ran on a slower machine, not slower code)."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(3):
+        a @ b
+    n, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        a @ b
+        n += 1
+    return 2 * size ** 3 * n / elapsed / 1e9
 
 
 def code_version() -> str | None:

@@ -101,6 +101,17 @@ def _provenance(rows: list[dict]) -> str:
     return f" Code: {named}{unnamed}."
 
 
+def _machine(rows: list[dict]) -> str:
+    """The spread of the CPU probe taken before each cell (``cpu_gflops``), where rows have it."""
+    probes = _numbers([_number(r.get("cpu_gflops")) for r in rows])
+    if not probes:
+        return ""
+    lo, hi = min(probes), max(probes)
+    return (f" CPU probe before each cell (fp32 matmul): {lo:.0f}–{hi:.0f} GFLOP/s over {len(probes)} cells"
+            + (f": the machine's speed moved {hi / lo:.2f}x between cells, so compare the throughputs of cells "
+               "with similar probes." if hi > 1.1 * lo else "."))
+
+
 def markdown(grid: dict, rows: list[dict]) -> str:
     summary = summarize(rows)
     budget = grid.get("budget", {})
@@ -112,7 +123,7 @@ def markdown(grid: dict, rows: list[dict]) -> str:
         + f", scored on the first {budget.get('eval_examples', 256)} test examples; seeds {grid['seeds']}. "
         f"Score = test metric x 100, mean ± std over seeds; median and worst seed beside it. {len(rows)} runs"
         + (f" of the grid's {grid['planned']}." if grid.get("planned", len(rows)) > len(rows) else ".")
-        + _provenance(rows), "",
+        + _provenance(rows) + _machine(rows), "",
         "| task | method | impl | metric | score | median | worst | trainable | train samples/s | eval samples/s "
         "| peak MiB | checkpoint |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",

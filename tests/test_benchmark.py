@@ -218,7 +218,8 @@ def test_resume_from_a_recorded_results_json(grid_file, tmp_path, monkeypatch, c
     kept = json.loads((out / "cells" / "sst2-zero_shot-promptlit-s1" / "row.json").read_text())
     assert kept["wall_s"] == 9.0 and fresh["wall_s"] != 9.0  # the recorded row is kept, the missing one ran
     # the new row says which code it ran at and when; the table names that code
-    assert fresh["finished"].endswith("Z") and fresh["transformers"]
+    assert fresh["finished"].endswith("Z") and fresh["transformers"] and fresh["cpu_gflops"] > 0
+    assert "CPU probe before each cell (fp32 matmul):" in (out / "table.md").read_text()
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=benchmark.ROOT, capture_output=True, text=True)
     if head.returncode == 0:
         assert head.stdout.startswith(fresh["commit"].removesuffix("+dirty"))
