@@ -174,7 +174,7 @@ def run_cell(grid: dict, cell: dict, out: Path) -> dict:
     cfg, sub = cell_config(grid, cell, cell_dir)
     cfg_path = cell_dir / "config.yaml"
     atomic_write_text(cfg_path, yaml.safe_dump(cfg, sort_keys=False))
-    probe = cpu_probe()
+    commit, probe = code_version(), cpu_probe()  # the code and machine as the cell starts
     start = time.perf_counter()
     cli = train.main([sub, "--config", str(cfg_path)])
     trainer = cli.trainer
@@ -203,7 +203,7 @@ def run_cell(grid: dict, cell: dict, out: Path) -> dict:
         "peak_mem_mb": peak, "wall_s": wall, "checkpoint_bytes": ckpt_bytes,
         "steps": trainer.global_step, "val_score": metrics.get("val/score", float("nan")),
         "device": str(trainer.strategy.root_device), "torch": torch.__version__,
-        "transformers": transformers.__version__, "commit": code_version(), "finished": utc_now(), "cpu_gflops": probe,
+        "transformers": transformers.__version__, "commit": commit, "finished": utc_now(), "cpu_gflops": probe,
         "cell": cell["key"],
         "test_metrics": {k: v for k, v in metrics.items() if k.startswith("test/")},  # e.g. SQuAD's EM beside its F1
     }
