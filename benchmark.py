@@ -87,6 +87,11 @@ def text_answers(task: str) -> bool:
     return spec.is_file() and (yaml.safe_load(spec.read_text()) or {}).get("answer_type") == "text"
 
 
+def cell_key(task: str, method: str, impl: str, seed: int) -> str:
+    """A cell's name: its folder under ``<out>/cells`` and its W&B run name."""
+    return f"{task}-{method}-{impl}-s{seed}"
+
+
 def cells_of(grid: dict) -> list[dict]:
     """Every (task, method, impl, seed). PEFT peers run on label-word tasks only (PEFT has no generation loop here).
     A method's PEFT peer runs right after it, seed by seed, so that a slow spell of the machine
@@ -99,7 +104,7 @@ def cells_of(grid: dict) -> list[dict]:
             for seed in grid["seeds"]:
                 for impl in impls:
                     cells.append({"task": task, "method": method, "impl": impl, "seed": seed,
-                                  "key": f"{task}-{method}-{impl}-s{seed}"})
+                                  "key": cell_key(task, method, impl, seed)})
     return cells
 
 
@@ -304,13 +309,13 @@ def seed_from_results(grid: dict, path: str, log=print) -> int:
         raise GridError(f"--resume-from: {path} is not JSON ({err})") from None
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise GridError(f"--resume-from: {path} is not a list of benchmark rows (a results.json)")
-    cells = {c["key"]: c for c in cells_of(grid)}
+    cells = {c["key"] for c in cells_of(grid)}
     out, seeded, steps = Path(grid["out"]), 0, grid["budget"]["steps"]
     for i, row in enumerate(rows):
         missing = [k for k in ("task", "method", "impl", "seed", "value", "steps") if k not in row]
         if missing:
             raise GridError(f"--resume-from: {path}, row {i}: no {', '.join(missing)}; not a benchmark row")
-        key = f"{row['task']}-{row['method']}-{row['impl']}-s{row['seed']}"
+        key = cell_key(row["task"], row["method"], row["impl"], row["seed"])
         if key not in cells:
             raise GridError(f"--resume-from: {path}, row {i} ({key}) is not a cell of grid '{grid['name']}'")
         if METHODS[row["method"]][1] == "fit" and row["steps"] != steps:

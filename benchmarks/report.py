@@ -90,7 +90,7 @@ def peft_ratios(rows: list[dict]) -> list[dict]:
 
 
 def _provenance(rows: list[dict]) -> str:
-    """Which code the rows ran at (each row's ``commit``), when they do not all say the same."""
+    """Which code the rows ran at (each row's ``commit``, counted), or nothing where no row names one."""
     commits = defaultdict(int)
     for row in rows:
         commits[row.get("commit")] += 1
