@@ -120,7 +120,8 @@ def markdown(grid: dict, rows: list[dict]) -> str:
         f"Backbone `{grid.get('backbone') or 'per config'}`, precision `{grid.get('precision') or 'per config'}`, "
         f"{budget.get('steps')} steps x batch {budget.get('batch_size') or 'per config'}"
         + (f", {budget['few_shot_k']} examples per class" if budget.get("few_shot_k") else "")
-        + f", scored on the first {budget.get('eval_examples', 256)} test examples; seeds {grid['seeds']}. "
+        + f", scored on {budget.get('eval_examples', 256)} test examples (each task's `eval_sample`: the first N, "
+        f"or N drawn with `split_seed` where its file is grouped); seeds {grid['seeds']}. "
         f"Score = test metric x 100, mean ± std over seeds; median and worst seed beside it. {len(rows)} runs"
         + (f" of the grid's {grid['planned']}." if grid.get("planned", len(rows)) > len(rows) else ".")
         + _provenance(rows) + _machine(rows), "",

@@ -18,7 +18,7 @@ from datamodules.encoding import TemplateTokenizer, answer_span, generation_targ
 from datamodules.readers import DataError, read_label_words, read_split
 from datamodules.sampling import BucketSampler, ResumableLoader, by_length
 from prompt_methods.backbone import load_tokenizer, resolve_kind
-from tasks.spec import SplitSource, TaskSpec, load_task
+from tasks.spec import EVAL_SAMPLES, SplitSource, TaskSpec, load_task
 
 DEFAULT_DATA_DIR = os.environ.get("PROMPTLIT_DATA", "../shared/data")
 SPLITS = ("train", "validation", "test", "predict")
@@ -48,6 +48,11 @@ class PromptDataModule(L.LightningDataModule):
         few_shot_k: sample K training (and K validation) examples per class.
         max_train_samples: cap on training examples after few-shot sampling.
         max_eval_samples: cap on validation and test examples.
+        max_val_samples: cap on validation examples alone (default: ``max_eval_samples``). Use it, not
+            the trainer's ``limit_val_batches``, to validate on part of a split: evaluation runs longest
+            first, so the first batches hold the longest examples.
+        eval_sample: how a cap picks its examples: ``random`` (drawn with ``split_seed``, the same for
+            every run) or ``first`` (file order); defaults to the task's ``eval_sample``.
         validation_size: examples held out of train for validation when the task has no dev set;
             defaults to the task's ``validation_size``.
         split_seed: seed of the held-out validation split, fixed so all runs share one validation set.
@@ -81,6 +86,8 @@ class PromptDataModule(L.LightningDataModule):
         few_shot_k: int | None = None,
         max_train_samples: int | None = None,
         max_eval_samples: int | None = None,
+        max_val_samples: int | None = None,
+        eval_sample: str | None = None,
         validation_size: int | None = None,
         split_seed: int = 1234,
         seed: int = 42,
@@ -95,6 +102,9 @@ class PromptDataModule(L.LightningDataModule):
                 f"data.init_args.task: '{self.spec.name}' is a {self.spec.family} task; "
                 f"{type(self).__name__} reads {self.family} tasks"
             )
+        if eval_sample is not None and eval_sample not in EVAL_SAMPLES:
+            raise DataError(f"data.init_args.eval_sample: {eval_sample!r} is not one of {', '.join(EVAL_SAMPLES)}")
+        self.eval_sample = eval_sample or self.spec.eval_sample
         for key, path in (("train", train_file), ("validation", validation_file), ("test", test_file), ("predict", predict_file)):
             if path:
                 self.spec.splits[key] = SplitSource(file=path, rename=rename or {})
@@ -130,8 +140,10 @@ class PromptDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ labels
     def _source_of(self, split: str) -> str:
-        """The file (or hub dataset) a split's rows come from; held-out splits come from train."""
-        src = self.spec.splits.get(split) or self.spec.splits.get("train")
+        """The file (or hub dataset) a split's rows come from: predict defaults to test, held-out
+        splits come from train."""
+        src = (self.spec.splits.get(split) or (self.spec.splits.get("test") if split == "predict" else None)
+               or self.spec.splits.get("train"))
         return (src.file or src.hub) if src else "?"
 
     def label_index(self, row: dict, origin: str) -> int:
@@ -179,6 +191,14 @@ class PromptDataModule(L.LightningDataModule):
         held = set(order[:size])
         return [r for i, r in enumerate(rows) if i in held], [r for i, r in enumerate(rows) if i not in held]
 
+    def _eval_subset(self, rows: list[dict], cap: int, salt: int) -> list[dict]:
+        """``cap`` of ``rows`` by ``eval_sample``: the first, or a draw with ``split_seed`` (independent of
+        the run seed, so every run scores the same examples), kept in file order."""
+        if self.eval_sample == "first":
+            return rows[:cap]
+        keep = sorted(random.Random(self.hparams.split_seed + salt).sample(range(len(rows)), cap))
+        return [rows[i] for i in keep]
+
     def _files_needed(self, wanted: set[str]) -> set[str]:
         """The splits to read for ``wanted``: a split held out of train needs train; the predict split
         defaults to test; few-shot sampling draws train and validation from one generator, so either
@@ -214,10 +234,10 @@ class PromptDataModule(L.LightningDataModule):
             splits["validation"] = self._per_class(splits["validation"], hp.few_shot_k, rng, "validation")
         if hp.max_train_samples and "train" in splits:
             splits["train"] = rng.sample(splits["train"], min(hp.max_train_samples, len(splits["train"])))
-        if hp.max_eval_samples:
-            for name in ("validation", "test"):
-                if name in splits:
-                    splits[name] = splits[name][: hp.max_eval_samples]
+        for name, salt in (("validation", 2), ("test", 3)):
+            cap = (hp.max_val_samples if name == "validation" else None) or hp.max_eval_samples
+            if cap and name in splits and len(splits[name]) > cap:
+                splits[name] = self._eval_subset(splits[name], cap, salt)
         if "test" in splits:
             splits.setdefault("predict", splits["test"])
         return splits

@@ -14,6 +14,8 @@ import yaml
 from tasks.template import Template
 
 TASK_DIR = Path(__file__).parent
+#: how a cap on evaluation examples picks them (``TaskSpec.eval_sample``)
+EVAL_SAMPLES = ("random", "first")
 
 
 class TaskError(ValueError):
@@ -51,6 +53,10 @@ class SplitSource:
 class TaskSpec:
     """One task. ``label_words`` maps each label to one or more words; words may be multi-token.
 
+    ``eval_sample`` is how a cap on validation/test examples picks them: ``random`` (the default: a
+    fixed draw with the DataModule's ``split_seed``, the same for every run) or ``first`` (file order;
+    fair only for a file in no particular order; a SQuAD file is grouped by article, FewRel's by relation).
+
     ``answer_type`` is ``label`` (a verbalizer scores label words) or ``text`` (the answer is generated,
     or extracted as a span; rows carry ``answers``, a list of gold strings).
     ``validation_size`` / ``test_size`` hold rows out of train (with the DataModule's ``split_seed``)
@@ -72,6 +78,7 @@ class TaskSpec:
     validation_size: int = 0
     test_size: int = 0
     label_words_file: str = ""
+    eval_sample: str = "random"
     description: str = ""
 
     @classmethod
@@ -84,6 +91,8 @@ class TaskSpec:
             spec = cls(**raw)
         except TypeError as err:
             raise TaskError(f"{origin}: {err}") from None
+        if spec.eval_sample not in EVAL_SAMPLES:
+            raise TaskError(f"{origin}: eval_sample must be one of {', '.join(EVAL_SAMPLES)}, not {spec.eval_sample!r}")
         spec.parsed_template()
         return spec
 

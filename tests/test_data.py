@@ -151,3 +151,51 @@ def test_batches_pad_left_for_causal_right_for_mlm(make_data, tiny):
     assert (mlm["attention_mask"][:, 0] == 1).all()
     picked = mlm["input_ids"].gather(1, mlm["answer_pos"][:, None]).squeeze(1)
     assert (picked == dm.tokenizer.mask_token_id).all()
+
+
+def test_eval_cap_draws_across_a_grouped_file(tiny, data_dir):
+    """SQuAD's questions come grouped by article: a cap draws them across the split (the same draw for
+    every run seed), while a task whose file is in no particular order keeps the first N."""
+    from datamodules import QuestionAnsweringDataModule
+
+    def rows(**kwargs):
+        return QuestionAnsweringDataModule(task="squad", backbone=tiny("llama"), data_dir=data_dir,
+                                           **kwargs).load_rows(["validation", "test"])
+
+    full = rows()
+    a, b = rows(max_eval_samples=300, seed=1), rows(max_eval_samples=300, seed=2)
+    assert len(a["test"]) == len(a["validation"]) == 300
+    assert [r["id"] for r in a["test"]] == [r["id"] for r in b["test"]]  # split_seed, not the run seed
+    assert len({r["title"] for r in a["test"]}) == len({r["title"] for r in full["test"]}) == 10
+    assert len({r["title"] for r in full["test"][:300]}) == 1  # what the first 300 would have been
+    order = {r["id"]: i for i, r in enumerate(full["test"])}
+    assert [order[r["id"]] for r in a["test"]] == sorted(order[r["id"]] for r in a["test"])  # file order kept
+    first = rows(max_eval_samples=300, eval_sample="first")
+    assert [r["id"] for r in first["test"]] == [r["id"] for r in full["test"][:300]]
+    other = rows(max_eval_samples=300, split_seed=7)
+    assert [r["id"] for r in other["test"]] != [r["id"] for r in a["test"]]
+
+
+def test_max_val_samples_caps_validation_alone(tiny, data_dir):
+    from datamodules import ClassificationDataModule
+
+    dm = ClassificationDataModule(task="sst2", backbone=tiny("llama"), data_dir=data_dir, max_val_samples=40)
+    got = dm.load_rows(["validation", "test"])
+    assert len(got["validation"]) == 40 and len(got["test"]) == 1821
+    dm = ClassificationDataModule(task="sst2", backbone=tiny("llama"), data_dir=data_dir, max_val_samples=40,
+                                  max_eval_samples=100)
+    got, full = dm.load_rows(["validation", "test"]), dm.load_rows(["validation"])
+    assert len(got["validation"]) == 40 and len(got["test"]) == 100
+    assert [r["id"] for r in got["validation"]] == [r["id"] for r in full["validation"][:40]]  # sst2: eval_sample first
+
+
+def test_bad_eval_sample_is_named(tiny, tmp_path):
+    from datamodules import ClassificationDataModule
+
+    with pytest.raises(DataError, match="data.init_args.eval_sample: 'last'"):
+        ClassificationDataModule(task="sst2", backbone=tiny("llama"), eval_sample="last")
+    spec = tmp_path / "mine.yaml"
+    spec.write_text("name: mine\nfamily: classification\nfields: [text]\nlabels: ['0', '1']\n"
+                    "label_words: {'0': bad, '1': good}\ntemplate: '{text} It was {mask}'\neval_sample: middle\n")
+    with pytest.raises(TaskError, match=r"mine.yaml: eval_sample must be one of random, first, not 'middle'"):
+        load_task(str(spec))
