@@ -162,7 +162,7 @@ def answer_span(enc: Encoded, row: dict, field: str) -> dict:
     and all gold answers. ``enc`` must come from ``encode(row, offsets_field=field)``."""
     answers = [str(a) for a in row.get("answers") or []]
     start = end = 0
-    if answers and row.get("answer_starts"):
+    if answers and row.get("answer_starts") and row["answer_starts"][0] is not None and row["answer_starts"][0] >= 0:
         a, b = row["answer_starts"][0], row["answer_starts"][0] + len(answers[0])
         inside = [p for p, (x, y) in enc.offsets.items() if x < b and y > a]
         if inside:

@@ -100,7 +100,9 @@ def _read_semeval(path: Path, src: SplitSource) -> list[dict]:
         ident, tab, sentence = lines[i].partition("\t")
         if not tab or not ident.strip().isdigit() or i + 1 >= len(lines):
             raise DataError(f"{path}:{i + 1}: expected 'id<TAB>\"sentence\"' followed by a label line")
-        sentence = sentence.strip().strip('"')
+        sentence = sentence.strip()
+        if len(sentence) > 1 and sentence[0] == sentence[-1] == '"':  # the file's wrapping pair only: a quote
+            sentence = sentence[1:-1]  # inside the sentence may open or close it (""Just like real baseball," ...)
         if "<e1>" not in sentence or "<e2>" not in sentence:
             raise DataError(f"{path}:{i + 1}: sentence lacks <e1>/<e2> tags")
         rows.append({"id": ident.strip(), "sentence": sentence, "label": lines[i + 1].strip()})
@@ -152,12 +154,20 @@ def _read_squad(path: Path, src: SplitSource) -> list[dict]:
     for index, article in enumerate(data["data"]):
         if src.shards is not None and index % 10 not in src.shards:
             continue
-        for paragraph in article["paragraphs"]:
-            for qa in paragraph["qas"]:
-                answers = [a["text"] for a in qa.get("answers", [])]
-                rows.append({"id": qa["id"], "title": article.get("title", ""), "context": paragraph["context"],
-                             "question": qa["question"], "answers": answers,
-                             "answer_starts": [a["answer_start"] for a in qa.get("answers", [])]})
+        try:
+            for p, paragraph in enumerate(article["paragraphs"]):
+                context = paragraph["context"]
+                for q, qa in enumerate(paragraph["qas"]):
+                    answers = [a["text"] for a in qa.get("answers", [])]
+                    # answer_start is optional (generative QA does not need it); without it, the first occurrence
+                    starts = [a.get("answer_start", context.find(a["text"])) for a in qa.get("answers", [])]
+                    rows.append({"id": qa.get("id", f"{index}-{p}-{q}"), "title": article.get("title", ""),
+                                 "context": context, "question": qa["question"], "answers": answers,
+                                 "answer_starts": starts})
+        except (KeyError, TypeError) as err:
+            raise DataError(f"{path}: article {index} ({article.get('title', '?') if isinstance(article, dict) else '?'}) "
+                            f"is not SQuAD-shaped: no {err} (articles need paragraphs[].context and "
+                            f"paragraphs[].qas[].question, answers[].text)") from None
     return rows
 
 

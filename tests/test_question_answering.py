@@ -24,6 +24,27 @@ def test_squad_split_by_article(data_dir):
     assert not (titles["train"] & titles["test"] or titles["train"] & titles["validation"] or titles["validation"] & titles["test"])
 
 
+def test_squad_shaped_user_file_without_ids_or_answer_starts(tmp_path):
+    """Generative QA needs no answer_start: a user's SQuAD-shaped file may leave it (and ids) out; a
+    row lacking what every reader needs is named, not a KeyError."""
+    from datamodules.readers import DataError
+    from tasks.spec import SplitSource
+
+    context = "Paris is the capital of France."
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [{"context": context, "qas": [
+        {"question": "Capital of?", "answers": [{"text": "France"}]},
+        {"id": "x", "question": "Which city?", "answers": [{"text": "Paris", "answer_start": 0}, {"text": "Rome"}]}]}]}]}))
+    rows = read_split(SplitSource(file=str(path)), "", "test", ["context", "question", "answers"])
+    assert [r["id"] for r in rows] == ["0-0-0", "x"]
+    assert rows[0]["answers"] == ["France"] and rows[0]["answer_starts"] == [context.index("France")]
+    assert rows[1]["answer_starts"] == [0, -1]  # Rome is not in the context
+    path.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [{"context": context, "qas": [
+        {"id": "y", "answers": [{"text": "France"}]}]}]}]}))
+    with pytest.raises(DataError, match=r"mine.json: article 0 \(t\) is not SQuAD-shaped: no 'question'"):
+        read_split(SplitSource(file=str(path)), "", "test", ["context", "question", "answers"])
+
+
 @pytest.mark.parametrize("pred,golds,em,f1", [
     ("the Denver Broncos", ["Denver Broncos"], 1.0, 1.0),          # article and case dropped
     ("Denver Broncos!", ["Denver Broncos", "Broncos"], 1.0, 1.0),  # punctuation dropped

@@ -59,6 +59,18 @@ def test_entity_marker_styles(style, expected):
     assert (text, e1, e2) == (expected, "child", "cradle")
 
 
+def test_semeval_reader_keeps_quotes_inside_the_sentence(tmp_path):
+    """Only the file's wrapping pair of quotes goes: a sentence may open or close with a quote of its own."""
+    path = tmp_path / "few.txt"
+    path.write_text('1\t"The <e1>cup</e1> held ""tea"" and <e2>milk</e2> ."\nOther\nComment:\n\n'
+                    '2\t""Just like real <e1>baseball</e1>," said the <e2>fan</e2>."\nOther\nComment:\n\n'
+                    '3\t"A <e1>note</e1> marked "G. <e2>Goodale</e2>.""\nOther\nComment:\n\n')
+    rows = read_split(SplitSource(file=str(path), format="semeval"), "", "train", ["sentence", "label"])
+    assert [r["sentence"] for r in rows] == ['The <e1>cup</e1> held ""tea"" and <e2>milk</e2> .',
+                                             '"Just like real <e1>baseball</e1>," said the <e2>fan</e2>.',
+                                             'A <e1>note</e1> marked "G. <e2>Goodale</e2>."']
+
+
 def test_semeval_hand_computed():
     golds = ["Cause-Effect(e1,e2)", "Cause-Effect(e1,e2)", "Other", "Message-Topic(e2,e1)"]
     preds = ["Cause-Effect(e1,e2)", "Cause-Effect(e2,e1)", "Cause-Effect(e1,e2)", "Message-Topic(e2,e1)"]
