@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import re
 import statistics
@@ -55,20 +54,32 @@ def load_grid(path: str) -> dict:
     """Read and check a grid config; errors name the file and key."""
     if not Path(path).is_file():
         raise GridError(f"--config: {path} does not exist")
-    grid = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        grid = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as err:
+        raise GridError(f"--config: {path} is not valid YAML ({err})") from None
+    if not isinstance(grid, dict):
+        raise GridError(f"{path}: a grid config must be a YAML mapping")
     unknown = set(grid) - GRID_KEYS
     if unknown:
         raise GridError(f"{path}: unknown key(s) {sorted(unknown)}; known: {sorted(GRID_KEYS)}")
     for key in ("name", "tasks", "methods", "seeds"):
         if not grid.get(key):
             raise GridError(f"{path}: '{key}' is required")
+    for key in ("tasks", "methods", "seeds", "peft"):
+        if key in grid and not isinstance(grid[key] or [], list):
+            raise GridError(f"{path}: '{key}' must be a list, e.g. {key}: [{grid[key]}]")
+    if not all(isinstance(seed, int) and not isinstance(seed, bool) for seed in grid["seeds"]):
+        raise GridError(f"{path}: seeds must be integers, not {grid['seeds']}")
+    if not isinstance(grid.get("budget") or {}, dict):
+        raise GridError(f"{path}: 'budget' must be a mapping (steps, batch_size, ...)")
     bad = [m for m in grid["methods"] if m not in METHODS]
     if bad:
         raise GridError(f"{path}: methods {bad} are not among {list(METHODS)}")
     bad = [m for m in grid.get("peft") or [] if m not in PEFT_METHODS]
     if bad:
         raise GridError(f"{path}: peft {bad} are not among {list(PEFT_METHODS)}")
-    budget = grid.setdefault("budget", {})
+    budget = grid["budget"] = grid.get("budget") or {}
     if set(budget) - BUDGET_KEYS:
         raise GridError(f"{path}: unknown budget key(s) {sorted(set(budget) - BUDGET_KEYS)}; known: {sorted(BUDGET_KEYS)}")
     if not isinstance(budget.get("steps"), int) or budget["steps"] < 1:
@@ -123,13 +134,13 @@ def cell_config(grid: dict, cell: dict, cell_dir: Path) -> tuple[dict, str]:
     budget = grid["budget"]
     data = cfg["data"].setdefault("init_args", {})
     model = cfg["model"].setdefault("init_args", {})
-    eval_bs = int(data.get("eval_batch_size", 32))
     if budget.get("batch_size"):
         data["batch_size"] = budget["batch_size"]
     if budget.get("few_shot_k"):
         data["few_shot_k"] = budget["few_shot_k"]
     data["seed"] = cell["seed"]
-    data["max_eval_samples"] = budget.get("eval_examples", 256)  # the first N of the test split
+    data["max_eval_samples"] = budget.get("eval_examples", 256)  # N test examples, picked by the task's eval_sample
+    data["max_val_samples"] = budget.get("val_examples", 64)
     model.update(model_over)
     if grid.get("backbone"):
         model["backbone"] = grid["backbone"]
@@ -144,7 +155,6 @@ def cell_config(grid: dict, cell: dict, cell_dir: Path) -> tuple[dict, str]:
     trainer.update({
         "max_steps": budget["steps"], "val_check_interval": budget["steps"], "check_val_every_n_epoch": None,
         "enable_progress_bar": False,
-        "limit_val_batches": max(1, math.ceil(budget.get("val_examples", 64) / eval_bs)),
         "logger": {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {
             "project": grid.get("wandb_project", "promptlit"), "save_dir": str(cell_dir), "group": grid["name"],
             "name": cell["key"], "tags": sorted({grid["name"], cell["task"], cell["method"], cell["impl"]}),
@@ -221,14 +231,15 @@ def run_cell(grid: dict, cell: dict, out: Path) -> dict:
     return row
 
 
-#: config keys holding the cell's own folder, which may move with the output folder
-PATH_KEYS = frozenset({"save_dir", "dirpath"})
+#: config keys that are not part of the experiment: the cell's own folder, which may move with the
+#: output folder, and whether W&B logs offline (it follows WANDB_API_KEY)
+LOCAL_KEYS = frozenset({"save_dir", "dirpath", "offline"})
 
 
 def _first_difference(old, new, key: str = "") -> str | None:
     if isinstance(old, dict) and isinstance(new, dict):
         for k in sorted(set(old) | set(new), key=str):
-            if k in PATH_KEYS:
+            if k in LOCAL_KEYS:
                 continue
             at = f"{key}.{k}" if key else str(k)
             if k not in old or k not in new:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import subprocess
 from pathlib import Path
 
@@ -80,6 +81,8 @@ def test_tiny_benchmark_outputs_and_resume(grid_file, tmp_path, monkeypatch, cap
     # every cell keeps the config it ran with, a train.py config
     cfg = yaml.safe_load((out / "cells" / "sst2-soft_prompt-peft-s1" / "config.yaml").read_text())
     assert cfg["model"]["class_path"] == "prompt_methods.PeftPeer" and cfg["seed_everything"] == 1
+    # validation on val_examples drawn as the task's eval_sample says (limit_val_batches would keep the longest)
+    assert cfg["data"]["init_args"]["max_val_samples"] == 3 and "limit_val_batches" not in cfg["trainer"]
 
     # resume: a finished grid runs nothing; a removed cell is run again, the others are kept
     before = (out / "cells" / "sst2-zero_shot-promptlit-s1" / "row.json").read_text()
@@ -114,6 +117,10 @@ def test_tiny_benchmark_outputs_and_resume(grid_file, tmp_path, monkeypatch, cap
     capsys.readouterr()
     assert len(benchmark.main(["--config", str(grid_file), "--out", str(moved), "--seeds", "1"])) == 5
     assert "3 done, 0 to run" in capsys.readouterr().out
+    # whether W&B logs offline follows WANDB_API_KEY, not the experiment: a key set later still resumes
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert len(benchmark.main(["--config", str(grid_file), "--out", str(moved), "--seeds", "1"])) == 5
+    assert "3 done, 0 to run" in capsys.readouterr().out
 
 
 def test_grid_errors_name_the_key(tmp_path):
@@ -132,6 +139,20 @@ def test_grid_errors_name_the_key(tmp_path):
         benchmark.load_grid(str(bad))
     with pytest.raises(benchmark.GridError, match="does not exist"):
         benchmark.load_grid(str(tmp_path / "missing.yaml"))
+    base = {"name": "x", "tasks": ["sst2"], "methods": ["soft_prompt"], "seeds": [1], "budget": {"steps": 1}}
+    for change, message in (({"seeds": 13}, "'seeds' must be a list, e.g. seeds: [13]"),
+                            ({"tasks": "sst2"}, "'tasks' must be a list"),
+                            ({"seeds": ["a"]}, "seeds must be integers"),
+                            ({"budget": [1]}, "'budget' must be a mapping")):
+        bad.write_text(yaml.safe_dump({**base, **change}))
+        with pytest.raises(benchmark.GridError, match=re.escape(message)):
+            benchmark.load_grid(str(bad))
+    bad.write_text("name: x\ntasks: [sst2\n")
+    with pytest.raises(benchmark.GridError, match="bad.yaml is not valid YAML"):
+        benchmark.load_grid(str(bad))
+    bad.write_text("- sst2\n")
+    with pytest.raises(benchmark.GridError, match="a grid config must be a YAML mapping"):
+        benchmark.load_grid(str(bad))
 
 
 def test_shipped_grids_load():
