@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -106,6 +107,31 @@ def _pop(args: list[str], flag: str) -> str | None:
     return None
 
 
+#: top-level keys of a config saved by fit/validate/test/predict that belong to the subcommand
+SUBCOMMAND_KEYS = ("ckpt_path", "weights_only", "verbose", "return_predictions")
+
+
+def _without_subcommand_keys(args: list[str]) -> tuple[list[str], list[str]]:
+    """``args`` with each ``--config`` file that a run saved (it has the subcommand's keys, such as
+    ``ckpt_path``, which export's parser has no subcommand to take) replaced by a temporary copy
+    without them; and the copies, to delete."""
+    import tempfile
+
+    import yaml
+
+    out, temps = list(args), []
+    for i, arg in enumerate(out[:-1]):
+        if arg != "--config" or not Path(out[i + 1]).is_file():
+            continue
+        cfg = yaml.safe_load(Path(out[i + 1]).read_text())
+        if isinstance(cfg, dict) and any(k in cfg for k in SUBCOMMAND_KEYS):
+            with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+                yaml.safe_dump({k: v for k, v in cfg.items() if k not in SUBCOMMAND_KEYS}, f, sort_keys=False)
+            out[i + 1] = f.name
+            temps.append(f.name)
+    return out, temps
+
+
 def export(args: list[str]):
     """Load a checkpoint into the config's method and write it as a PEFT adapter folder."""
     import torch
@@ -116,6 +142,7 @@ def export(args: list[str]):
     ckpt, out_dir = _pop(args, "--ckpt_path"), _pop(args, "--out_dir")
     if not ckpt or not out_dir:
         raise SystemExit("error: export needs --ckpt_path <checkpoint> and --out_dir <folder>")
+    args, temps = _without_subcommand_keys(args)
     try:
         check_checkpoint_file(ckpt)
         cli = _cli([*args, "--trainer.logger", "false"], run=False)
@@ -129,6 +156,9 @@ def export(args: list[str]):
         path = export_adapter(cli.model, out_dir, template=cli.datamodule.template.source)
     except (CheckpointError, AdapterError) as err:
         raise SystemExit(f"error: {err}") from None
+    finally:
+        for temp in temps:
+            os.unlink(temp)
     print(f"wrote PEFT adapter {path}/adapter_config.json and adapter_model.safetensors")
     return path
 

@@ -140,17 +140,20 @@ class PromptModule(Feeding, L.LightningModule):
         if self.tune_backbone:
             keep.add("backbone")
         freeze_except(self, keep)
-        if isinstance(self.readout, ClassificationHead):
-            for p in self.unused_lm_head_params():
+        if isinstance(self.readout, (ClassificationHead, SpanHead)):  # weights that get no gradient would stop
+            for p in self.unused_lm_head_params():  # DDP (find_unused_parameters=False) at its second step
                 p.requires_grad_(False)
         # a frozen backbone runs in eval mode (no dropout), a tuned one in train mode
         self.backbone.train(self.tune_backbone)
 
     def unused_lm_head_params(self) -> list[nn.Parameter]:
-        """Backbone weights a classification-head readout never uses: the LM head (unless tied to the
-        input embeddings) and, for seq2seq backbones, the decoder."""
+        """Backbone weights a head on the last hidden states (classification or span) never uses: the
+        LM head (unless tied to the input embeddings), an encoder's pooler, and, for seq2seq backbones,
+        the decoder."""
         body = self.backbone.get_encoder() if self.kind == "seq2seq" else self.backbone.base_model
-        used = {id(p) for p in body.parameters()}
+        pooler = getattr(body, "pooler", None)
+        skipped = {id(p) for p in pooler.parameters()} if isinstance(pooler, nn.Module) else set()
+        used = {id(p) for p in body.parameters()} - skipped
         return [p for p in self.backbone.parameters() if id(p) not in used]
 
     def text_ids(self, text: str, n: int) -> torch.Tensor:

@@ -65,7 +65,8 @@ class PredictionWriter(BasePredictionWriter):
                 if "label" in batch:
                     row["label"] = labels[batch["label"][i]]
                 lines.append(json.dumps(row))
-        path = Path(self.output_file or run_dir(trainer) / "predictions.jsonl")
+        # rank 0's folder for every rank: the other ranks' loggers have no run (a W&B logger's version is None there)
+        path = Path(self.output_file or trainer.strategy.broadcast(str(run_dir(trainer) / "predictions.jsonl")))
         if trainer.world_size > 1:
             path = path.with_suffix(f".rank{trainer.global_rank}.jsonl")
         atomic_write_text(path, "\n".join(lines) + "\n")
@@ -194,6 +195,12 @@ class LastCheckpoint(Callback):
             return
         trainer.save_checkpoint(self._folder(trainer) / "last.ckpt")
         self._saved_step = trainer.global_step
+
+    def setup(self, trainer, pl_module, stage):
+        # run after every checkpoint callback (Lightning moves those to the end of the list), so that
+        # last.ckpt holds the best-checkpoint tracker's state after this validation, not before it
+        trainer.callbacks.remove(self)
+        trainer.callbacks.append(self)
 
     def on_validation_end(self, trainer, pl_module):
         self.save(trainer)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from prompt_methods.prompt_cache import PromptRow, prompt_row_cache, prompt_row_pays
-from prompt_methods.readout import Feed
+from prompt_methods.readout import Feed, position_base
 
 
 class Feeding:
@@ -39,10 +39,11 @@ class Feeding:
         return embeds
 
     def position_ids(self, attention_mask: torch.Tensor, offset: int = 0) -> torch.Tensor | None:
-        """(B, T) positions that skip left padding; None where the backbone has no absolute positions."""
+        """(B, T) positions that skip left padding, from ``offset`` (after the backbone's own first
+        position, :func:`~prompt_methods.readout.position_base`); None for encoder-decoders."""
         if self.kind == "seq2seq":
             return None
-        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0) + offset
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0) + offset + position_base(self.backbone)
 
     def feed(self, batch: dict) -> Feed:
         """Turn a batch into backbone inputs. Methods override this; the base feeds the hard prompt."""

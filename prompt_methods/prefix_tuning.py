@@ -50,6 +50,8 @@ class PrefixTuning(PromptModule):
                 f"model.class_path: PrefixTuning needs a decoder or encoder backbone that takes a key/value cache; "
                 f"{type(self.backbone).__name__} ({self.kind}) does not"
             )
+        if num_virtual_tokens < 1:
+            raise ValueError(f"model.init_args.num_virtual_tokens must be at least 1, not {num_virtual_tokens}")
         if init not in ("random", "text") or (init == "text" and not init_text):
             raise ValueError("model.init_args.init must be random, or text with model.init_args.init_text set")
         cfg = self.backbone.config.get_text_config()
@@ -107,7 +109,7 @@ class PrefixTuning(PromptModule):
         mask = batch["attention_mask"]
         B = embeds.size(0)
         full_mask = torch.cat([mask.new_ones(B, self.n_prefix), mask], 1)  # (B, P + T)
-        # causal: real tokens continue after the prefix positions; absolute-position encoders restart at 0
-        offset = self.n_prefix if self.kind == "causal" else 0
-        return Feed(embeds, full_mask, batch["answer_pos"], self.position_ids(mask, offset),
+        # real tokens continue after the prefix positions, as a transformers model numbers tokens after a
+        # cache (BERT too: P-tuning v2's reference code and PEFT's prefix adapters on encoders)
+        return Feed(embeds, full_mask, batch["answer_pos"], self.position_ids(mask, self.n_prefix),
                     self.build_cache(B, embeds.dtype))

@@ -75,12 +75,24 @@ def position_limit(backbone) -> int | None:
     return backbone._promptlit_position_limit
 
 
+def position_base(backbone) -> int:
+    """The first position id of a sequence: ``padding_idx + 1`` for RoBERTa-style embeddings (RoBERTa,
+    XLM-R, CamemBERT number positions after the padding row, as they do themselves when given no
+    ``position_ids``), else 0."""
+    if not hasattr(backbone, "_promptlit_position_base"):
+        emb = getattr(backbone.base_model, "embeddings", None)
+        pad = getattr(emb, "padding_idx", None)
+        backbone._promptlit_position_base = pad + 1 if pad is not None and hasattr(emb, "position_embeddings") else 0
+    return backbone._promptlit_position_base
+
+
 def base_forward(backbone, feed: Feed, use_cache: bool = False):
     limit, length = position_limit(backbone), feed.attention_mask.size(-1)
-    if limit is not None and length > limit:  # else an index error deep inside the embedding lookup
+    if limit is not None and length + position_base(backbone) > limit:  # else an index error inside the embedding lookup
         raise ValueError(
             f"data.init_args.max_length: a batch needs {length} positions (its tokens plus the prompt's), more than "
-            f"the {limit} this backbone has position embeddings for; lower data.init_args.max_length (or the prompt length)"
+            f"the {limit - position_base(backbone)} this backbone has position embeddings for; lower "
+            "data.init_args.max_length (or the prompt length)"
         )
     kwargs = dict(inputs_embeds=feed.inputs_embeds, attention_mask=feed.attention_mask, use_cache=use_cache)
     if feed.position_ids is not None:

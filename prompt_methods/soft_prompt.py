@@ -56,6 +56,7 @@ class SoftPrompt(PromptModule):
             config, vectors = read_adapter(adapter)
             check_adapter(config, vectors, ("PROMPT_TUNING", "P_TUNING"), self.hidden_size, None)
             self.prompt = nn.Parameter(vectors.clone())
+            self.count_key = f"the prompt of model.init_args.adapter ({adapter})"
             return
         if num_virtual_tokens < 1:
             raise ValueError("model.init_args.num_virtual_tokens must be at least 1")
@@ -74,4 +75,4 @@ class SoftPrompt(PromptModule):
         self.prompt = nn.Parameter(vectors.clone())  # (N, H), fp32 whatever the backbone dtype
 
     def feed(self, batch):
-        return self.feed_with_prompt(batch, self.prompt, "model.init_args.num_virtual_tokens")
+        return self.feed_with_prompt(batch, self.prompt, getattr(self, "count_key", "model.init_args.num_virtual_tokens"))

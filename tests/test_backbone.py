@@ -93,3 +93,98 @@ def test_cache_keyword_follows_the_transformers_release(tiny):
     assert output_cache({"last_hidden_state": None, "past_key_values": cache}) is cache  # an older release's output
     assert output_cache(BaseModelOutputWithPast(last_hidden_state=torch.zeros(1), **{cache_keyword(model.base_model): cache})) is cache
     assert output_cache(BaseModelOutputWithPast(last_hidden_state=torch.zeros(1))) is None
+
+
+def _save(model, tok, path) -> str:
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_roberta_positions_start_after_the_padding_row(tmp_path):
+    """RoBERTa-style embeddings number tokens from padding_idx + 1: given no position ids the model
+    does so itself, and the positions promptlit passes (skipping left padding) must agree."""
+    from conftest import _bpe_tokenizer
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    from prompt_methods.readout import base_forward
+
+    torch.manual_seed(0)
+    tok = _bpe_tokenizer()
+    cfg = RobertaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=20, initializer_range=0.2)
+    path = _save(RobertaForMaskedLM(cfg), tok, tmp_path / "roberta")
+    model = HardPrompt(backbone=path, verbalizer=[[[5]], [[7]]]).eval()
+    ids = torch.randint(10, 60, (2, 6))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "soft_index": torch.full_like(ids, -1),
+             "answer_pos": torch.full((2,), 3)}
+    with torch.no_grad():
+        feed = model.feed(batch)
+        ours = base_forward(model.backbone, feed).last_hidden_state
+        theirs = model.backbone.base_model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+    assert feed.position_ids[0].tolist() == list(range(tok.pad_token_id + 1, tok.pad_token_id + 7))
+    torch.testing.assert_close(ours, theirs)
+    long = torch.randint(10, 60, (1, 20 - tok.pad_token_id))  # one position more than the table holds
+    batch = {"input_ids": long, "attention_mask": torch.ones_like(long), "soft_index": torch.full_like(long, -1),
+             "answer_pos": torch.tensor([3])}
+    with pytest.raises(ValueError, match=f"more than the {20 - tok.pad_token_id - 1} this backbone"):
+        model(batch)
+
+
+def test_encoder_prefix_positions_follow_the_prefix_as_transformers_numbers_them(tmp_path):
+    """On an encoder the tokens after a P-long prefix sit at positions P.., as BERT numbers them after
+    a cache of length P (and PEFT's and P-tuning v2's prefix adapters were trained so)."""
+    from conftest import _wordpiece_tokenizer
+    from transformers import BertConfig, BertModel, DynamicCache
+
+    from prompt_methods import PrefixTuning
+    from prompt_methods.prompt_cache import cache_keyword
+    from prompt_methods.readout import base_forward
+
+    torch.manual_seed(0)
+    tok = _wordpiece_tokenizer()
+    cfg = BertConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=24)
+    path = _save(BertModel(cfg), tok, tmp_path / "bert")
+    model = PrefixTuning(backbone=path, verbalizer=[[[5]], [[7]]], readout="head", num_virtual_tokens=10, init="random").eval()
+    ids = torch.randint(10, 60, (2, 12))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "soft_index": torch.full_like(ids, -1),
+             "answer_pos": torch.zeros(2, dtype=torch.long)}
+    with torch.no_grad():
+        feed = model.feed(batch)
+        ours = base_forward(model.backbone, feed).last_hidden_state
+        cache = model.build_cache(2, torch.float32)
+        assert isinstance(cache, DynamicCache)
+        theirs = model.backbone(input_ids=ids, attention_mask=torch.ones(2, 22, dtype=torch.long),
+                                **{cache_keyword(model.backbone.base_model): cache}).last_hidden_state  # positions after the cache
+    assert feed.position_ids[0].tolist() == list(range(10, 22))
+    torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("readout", ["head", "span"])
+def test_a_head_readout_leaves_no_trainable_weight_without_a_gradient(readout, tmp_path, tiny):
+    """DDP (find_unused_parameters=False) stops at the second step on a trainable weight that got no
+    gradient: an encoder's pooler under a head on the hidden states, a masked LM's head under a span head."""
+    from conftest import _wordpiece_tokenizer
+    from transformers import BertConfig, BertModel
+
+    from prompt_methods import FineTuning
+
+    tok = _wordpiece_tokenizer()
+    if readout == "head":
+        cfg = BertConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
+        model = FineTuning(backbone=_save(BertModel(cfg), tok, tmp_path / "bert"), verbalizer=[[[5]], [[7]]])
+        assert model.backbone.base_model.pooler is not None
+        batch_extra = {"labels": torch.tensor([0, 1])}
+    else:
+        model = FineTuning(backbone=tiny("bert"), verbalizer=[[[5]]], readout="span")
+        batch_extra = {"span_start": torch.tensor([1, 2]), "span_end": torch.tensor([2, 3]),
+                       "context_mask": torch.ones(2, 6, dtype=torch.bool)}
+    model.configure_trainable()
+    ids = torch.randint(10, 60, (2, 6))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "soft_index": torch.full_like(ids, -1),
+             "answer_pos": torch.zeros(2, dtype=torch.long), **batch_extra}
+    model.loss(batch)[0].backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    assert any(p.requires_grad for p in model.backbone.base_model.encoder.parameters())  # the backbone still tunes

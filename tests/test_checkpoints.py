@@ -36,6 +36,19 @@ def test_checkpoint_holds_prompt_state_and_metadata_and_loads_weights_only(soft_
     assert ckpt.stat().st_size < 64 * 1024
 
 
+def test_last_checkpoint_holds_the_best_tracker_after_its_validation(tiny, family_files, tmp_path, monkeypatch):
+    """last.ckpt is written after the best-checkpoint callback has seen the same validation, so a
+    resumed run tracks the best file that is on disk, not the one before it."""
+    cli, ckpt = fit(tiny, family_files["sst2"], tmp_path, monkeypatch, steps=4)
+    names = [type(c).__name__ for c in cli.trainer.callbacks]
+    assert names.index("LastCheckpoint") > names.index("ModelCheckpoint")
+    best = cli.trainer.checkpoint_callback
+    saved = next(v for k, v in torch.load(ckpt, weights_only=False)["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    assert saved["best_model_path"] == best.best_model_path and torch.load(best.best_model_path, weights_only=False)
+    assert float(saved["best_model_score"]) == float(best.best_model_score)
+    assert float(saved["current_score"]) == float(cli.trainer.callback_metrics["val/score"])  # this validation's
+
+
 def test_other_method_is_refused(soft_ckpt, tiny, family_files, tmp_path, monkeypatch):
     _, ckpt = soft_ckpt
     args = ["--config", "configs/sst2/prefix_tuning.yaml", *tiny_args(tiny, family_files["sst2"], tmp_path), "--ckpt_path", str(ckpt)]
@@ -117,6 +130,10 @@ def test_export_writes_a_peft_adapter_that_loads_back(soft_ckpt, tiny, family_fi
         train.main(["export", "--config", "configs/sst2/p_tuning.yaml", *tiny_args(tiny, family_files["sst2"], tmp_path),
                     "--ckpt_path", str(ckpt), "--out_dir", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
+    saved = next((tmp_path / "promptlit").rglob("config.yaml"))  # the run's own config works too (it holds
+    assert "ckpt_path" in saved.read_text()  # fit's ckpt_path, which export's parser has no subcommand for)
+    again = train.main(["export", "--config", str(saved), "--ckpt_path", str(ckpt), "--out_dir", str(tmp_path / "again")])
+    assert (again / "adapter_model.safetensors").read_bytes() == (out / "adapter_model.safetensors").read_bytes()
 
 
 def test_export_refuses_a_run_that_tuned_the_backbone(tiny, family_files, tmp_path, monkeypatch):
