@@ -119,11 +119,16 @@ def _without_subcommand_keys(args: list[str]) -> tuple[list[str], list[str]]:
 
     import yaml
 
-    out, temps = list(args), []
+    out, temps = [], []
+    for arg in args:  # --config=PATH as two arguments
+        out += arg.split("=", 1) if arg.startswith("--config=") else [arg]
     for i, arg in enumerate(out[:-1]):
         if arg != "--config" or not Path(out[i + 1]).is_file():
             continue
-        cfg = yaml.safe_load(Path(out[i + 1]).read_text())
+        try:
+            cfg = yaml.safe_load(Path(out[i + 1]).read_text())
+        except yaml.YAMLError as err:
+            raise SystemExit(f"error: --config: {out[i + 1]} is not valid YAML ({err})") from None
         if isinstance(cfg, dict) and any(k in cfg for k in SUBCOMMAND_KEYS):
             with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
                 yaml.safe_dump({k: v for k, v in cfg.items() if k not in SUBCOMMAND_KEYS}, f, sort_keys=False)

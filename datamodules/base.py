@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader
 
 from datamodules.collate import pad_batch
 from datamodules.encoding import TemplateTokenizer, answer_span, generation_target, tokenize_label_words
-from datamodules.readers import DataError, read_label_words, read_split
-from datamodules.sampling import BucketSampler, ResumableLoader, by_length
+from datamodules.readers import READERS, DataError, read_label_words, read_split
+from datamodules.sampling import BucketSampler, EvalSampler, ResumableLoader, by_length
 from prompt_methods.backbone import load_tokenizer, resolve_kind
 from tasks.spec import EVAL_SAMPLES, SplitSource, TaskSpec, load_task
 
@@ -42,6 +42,9 @@ class PromptDataModule(L.LightningDataModule):
         test_file: overrides the test split file.
         predict_file: file to run ``predict`` on; defaults to the test split.
         rename: column mapping for the override files (file column -> task field or ``label``).
+        format: reader of the override files: csv, tsv, json, jsonl, parquet, or one of the built-in
+            tasks' readers (squad, boolq, semeval, fewrel, trec) for files in those datasets' own
+            shapes; default: from each file's extension.
         max_length: the most tokens in one prompt; only input fields are truncated.
         batch_size: training batch size.
         eval_batch_size: batch size for validation, test and predict.
@@ -80,6 +83,7 @@ class PromptDataModule(L.LightningDataModule):
         test_file: str | None = None,
         predict_file: str | None = None,
         rename: dict[str, str] | None = None,
+        format: str | None = None,
         max_length: int = 256,
         batch_size: int = 16,
         eval_batch_size: int = 32,
@@ -105,9 +109,11 @@ class PromptDataModule(L.LightningDataModule):
         if eval_sample is not None and eval_sample not in EVAL_SAMPLES:
             raise DataError(f"data.init_args.eval_sample: {eval_sample!r} is not one of {', '.join(EVAL_SAMPLES)}")
         self.eval_sample = eval_sample or self.spec.eval_sample
+        if format is not None and format not in READERS:
+            raise DataError(f"data.init_args.format: {format!r} is not one of {', '.join(READERS)}")
         for key, path in (("train", train_file), ("validation", validation_file), ("test", test_file), ("predict", predict_file)):
             if path:
-                self.spec.splits[key] = SplitSource(file=path, rename=rename or {})
+                self.spec.splits[key] = SplitSource(file=path, rename=rename or {}, format=format or "")
         if label_words:
             self.spec.label_words = {str(k): [v] if isinstance(v, str) else list(v) for k, v in label_words.items()}
         self.template = self.spec.parsed_template(template).require_mask()
@@ -291,16 +297,35 @@ class PromptDataModule(L.LightningDataModule):
         size = hp.batch_size if split == "train" else hp.eval_batch_size
         data = self.datasets[split]
         kwargs = {"shuffle": shuffle, "generator": torch.Generator().manual_seed(hp.seed) if shuffle else None}
+        trainer = getattr(self, "trainer", None)
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         if hp.bucket_by_length and split != "predict":
             lengths = [len(it["input_ids"]) for it in data]
-            trainer = getattr(self, "trainer", None)
-            world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
             if shuffle:
                 sampler = BucketSampler(lengths, size, hp.seed, num_replicas=world, rank=rank)
                 return ResumableLoader(data, batch_size=size, sampler=sampler, collate_fn=self.collate,
                                        num_workers=hp.num_workers, batches_done=self._batches_done)
-            kwargs = {"sampler": by_length(lengths)}
+            order = by_length(lengths)
+            kwargs = {"sampler": EvalSampler(order, world, rank) if self._shard_eval(split) else order}
+        elif not shuffle and self._shard_eval(split):  # file order, sharded without repeats
+            kwargs = {"sampler": EvalSampler(list(range(len(data))), world, rank)}
         return DataLoader(data, batch_size=size, collate_fn=self.collate, num_workers=hp.num_workers, **kwargs)
+
+    def _shard_eval(self, split: str) -> bool:
+        """Whether ``split`` is evaluated by :class:`EvalSampler` shares (no example twice) rather than
+        Lightning's distributed sampler, which pads every process to an equal share with repeats. Only
+        under plain DDP: its evaluation forwards need no collective, so processes may run a batch more
+        or less; FSDP and DeepSpeed gather weights in every forward and need equal batch counts, and a
+        fractional ``limit_*_batches`` of unequal shares would fail on one process only."""
+        from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+
+        trainer = getattr(self, "trainer", None)
+        if split == "predict" or trainer is None or trainer.world_size == 1:
+            return False
+        limit = {"validation": trainer.limit_val_batches, "test": trainer.limit_test_batches}.get(split, 1.0)
+        fractional = isinstance(limit, float) and limit < 1.0
+        strategy = trainer.strategy
+        return isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy) and not fractional
 
     def _batches_done(self) -> int:
         """Training batches of the current epoch already run (what a mid-epoch checkpoint skips on resume)."""

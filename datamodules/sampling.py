@@ -88,3 +88,29 @@ class ResumableLoader(DataLoader):
 def by_length(lengths: list[int]) -> list[int]:
     """Evaluation order: longest first, so the first batch shows the peak memory at once."""
     return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+
+class EvalSampler(DistributedSampler):
+    """An evaluation order, sharded over ``num_replicas`` processes without repeats: process ``rank``
+    takes every ``num_replicas``-th example from its rank on. Lightning's own distributed sampler pads
+    a split whose length does not divide by the process count with repeated examples, which every
+    gathered score would then count twice. Shares differ by at most one example (evaluation has no
+    gradient to synchronise per step). Only a split shorter than the process count repeats: a
+    process whose share would be empty gets the order's first example, as it must still run the
+    epoch's hooks and their collectives."""
+
+    def __init__(self, order: list[int], num_replicas: int = 1, rank: int = 0):
+        # as BucketSampler: a DistributedSampler so that Lightning does not wrap it; state set here
+        self.order, self.num_replicas, self.rank, self.epoch = list(order), num_replicas, rank, 0
+
+    def _mine(self) -> list[int]:
+        return self.order[self.rank::self.num_replicas] or self.order[:1]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self._mine())
+
+    def __iter__(self):
+        return iter(self._mine())

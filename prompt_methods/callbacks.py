@@ -198,9 +198,9 @@ class LastCheckpoint(Callback):
 
     def setup(self, trainer, pl_module, stage):
         # run after every checkpoint callback (Lightning moves those to the end of the list), so that
-        # last.ckpt holds the best-checkpoint tracker's state after this validation, not before it
-        trainer.callbacks.remove(self)
-        trainer.callbacks.append(self)
+        # last.ckpt holds the best-checkpoint tracker's state after this validation, not before it; a
+        # new list, as Lightning is iterating over the old one to call this very hook
+        trainer.callbacks = [c for c in trainer.callbacks if c is not self] + [self]
 
     def on_validation_end(self, trainer, pl_module):
         self.save(trainer)

@@ -13,8 +13,8 @@ def log_epoch_metric(module: L.LightningModule, split: str, outputs: list[tuple]
     """Score an epoch's ``(predictions, golds)`` batches with ``module.metric`` and log
     ``<split>/<name>`` for each value and ``<split>/score`` for the main one (what checkpoints monitor).
 
-    Text answers are strings (gathered as objects); label predictions are index tensors (gathered as
-    tensors and mapped to ``module.labels``). Accuracy tasks keep no outputs and use ``<split>_acc``.
+    Predictions are gathered as objects (text answers, or label indices mapped to ``module.labels``):
+    under DDP the processes' shares of a split differ by up to one example. Accuracy tasks keep no outputs and use ``<split>_acc``.
     """
     if module.text_answers:
         preds, golds = [p for ps, _ in outputs for p in ps], [g for _, gs in outputs for g in gs]
@@ -33,8 +33,11 @@ def log_epoch_metric(module: L.LightningModule, split: str, outputs: list[tuple]
         score = module.metrics[f"{split}_acc"].compute()
         module.log(f"{split}/score", score)
         return score
-    preds = module.all_gather(torch.cat([p for p, _ in outputs])).flatten().tolist()
-    golds = module.all_gather(torch.cat([g for _, g in outputs])).flatten().tolist()
+    preds, golds = torch.cat([p for p, _ in outputs]).tolist(), torch.cat([g for _, g in outputs]).tolist()
+    if module.trainer.world_size > 1:  # shares differ by up to one example (EvalSampler): gathered as objects
+        gathered = [None] * module.trainer.world_size
+        torch.distributed.all_gather_object(gathered, (preds, golds))
+        preds, golds = [p for ps, _ in gathered for p in ps], [g for _, gs in gathered for g in gs]
     values = METRICS[module.metric]([module.labels[i] for i in preds], [module.labels[i] for i in golds])
     for name, value in values.items():
         if name != "acc":

@@ -42,11 +42,34 @@ def test_last_checkpoint_holds_the_best_tracker_after_its_validation(tiny, famil
     cli, ckpt = fit(tiny, family_files["sst2"], tmp_path, monkeypatch, steps=4)
     names = [type(c).__name__ for c in cli.trainer.callbacks]
     assert names.index("LastCheckpoint") > names.index("ModelCheckpoint")
+    assert len(names) == len(set(names)) and {"PredictionWriter", "Throughput"} <= set(names)
     best = cli.trainer.checkpoint_callback
     saved = next(v for k, v in torch.load(ckpt, weights_only=False)["callbacks"].items() if k.startswith("ModelCheckpoint"))
     assert saved["best_model_path"] == best.best_model_path and torch.load(best.best_model_path, weights_only=False)
     assert float(saved["best_model_score"]) == float(best.best_model_score)
     assert float(saved["current_score"]) == float(cli.trainer.callback_metrics["val/score"])  # this validation's
+
+
+def test_last_checkpoint_moves_itself_without_skipping_a_callback():
+    """Lightning iterates over trainer.callbacks to call setup; LastCheckpoint moving itself to the
+    end must not make that loop skip the callback after it or call it twice."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import Callback
+
+    from prompt_methods.callbacks import LastCheckpoint
+
+    class Count(Callback):
+        calls = 0
+
+        def setup(self, trainer, pl_module, stage):
+            self.calls += 1
+
+    last, after, end = LastCheckpoint(), Count(), Count()
+    trainer = SimpleNamespace(callbacks=[last, after, end])
+    for callback in trainer.callbacks:  # as lightning's _call_callback_hooks does
+        callback.setup(trainer, None, "fit")
+    assert (after.calls, end.calls) == (1, 1) and trainer.callbacks == [after, end, last]
 
 
 def test_other_method_is_refused(soft_ckpt, tiny, family_files, tmp_path, monkeypatch):

@@ -199,3 +199,53 @@ def test_bad_eval_sample_is_named(tiny, tmp_path):
                     "label_words: {'0': bad, '1': good}\ntemplate: '{text} It was {mask}'\neval_sample: middle\n")
     with pytest.raises(TaskError, match=r"mine.yaml: eval_sample must be one of random, first, not 'middle'"):
         load_task(str(spec))
+
+
+def test_override_files_in_a_datasets_own_shape_take_its_reader(tiny, data_dir, tmp_path):
+    """data.init_args.format reads an override file with a built-in task's reader: BoolQ's dev.jsonl
+    shape (answer, title) and SemEval's release file, which the extension alone would not pick."""
+    from datamodules import QuestionAnsweringDataModule, RelationExtractionDataModule
+
+    dev = tmp_path / "mine.jsonl"
+    dev.write_text(json.dumps({"question": "is fire hot", "title": "Fire", "passage": "Fire is hot.", "answer": True}) + "\n")
+    with pytest.raises(DataError, match="missing column"):
+        QuestionAnsweringDataModule(task="boolq", backbone=tiny("llama"), data_dir=data_dir, test_file=str(dev)).load_rows(["test"])
+    dm = QuestionAnsweringDataModule(task="boolq", backbone=tiny("llama"), data_dir=data_dir, test_file=str(dev), format="boolq")
+    row = dm.load_rows(["test"])["test"][0]
+    assert row["label"] == "True" and row["passage"] == "Fire -- Fire is hot."
+    semeval = f"{data_dir}/semeval2010_task8/SemEval2010_task8_testing_keys/TEST_FILE_FULL.TXT"
+    dm = RelationExtractionDataModule(task="semeval", backbone=tiny("llama"), data_dir=data_dir, test_file=semeval,
+                                      format="semeval")
+    assert len(dm.load_rows(["test"])["test"]) == 2717
+    with pytest.raises(DataError, match="data.init_args.format: 'xml' is not one of csv, tsv"):
+        QuestionAnsweringDataModule(task="boolq", backbone=tiny("llama"), format="xml")
+
+
+def test_eval_splits_shard_without_repeats_only_under_plain_ddp(make_data, tiny):
+    """Under DDP validation and test take EvalSampler shares; FSDP/DeepSpeed (weights gathered in every
+    forward) and a fractional limit_val_batches (unequal shares would fail on one process) keep
+    Lightning's padded sampler, and predict keeps its own."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
+
+    from datamodules.sampling import EvalSampler
+
+    dm = make_data(tiny("llama"))
+
+    def sampler(strategy, split="validation", limit=1.0):
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=1, limit_val_batches=limit, limit_test_batches=1.0,
+                                     strategy=strategy)
+        return dm._loader(split, shuffle=False).sampler
+
+    try:
+        got = sampler(DDPStrategy())
+        assert isinstance(got, EvalSampler) and len(got) == 3 and got.rank == 1  # 6 rows, every other one
+        assert isinstance(sampler(DDPStrategy(), "test"), EvalSampler)
+        for other in (FSDPStrategy(), DeepSpeedStrategy.__new__(DeepSpeedStrategy)):
+            assert not isinstance(sampler(other), EvalSampler)
+        assert not isinstance(sampler(DDPStrategy(), limit=0.5), EvalSampler)
+        assert isinstance(sampler(DDPStrategy(), limit=2), EvalSampler)  # a whole number of batches is fine
+        assert not isinstance(sampler(DDPStrategy(), "predict"), EvalSampler)
+    finally:
+        dm.trainer = None

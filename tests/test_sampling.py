@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import random
 
-from datamodules.sampling import BucketSampler, by_length
+import torch
+
+from datamodules.sampling import BucketSampler, EvalSampler, by_length
 
 
 def batches_of(sampler, size):
@@ -58,3 +60,14 @@ def test_datamodule_buckets_training_and_sorts_eval(make_data, tiny):
     assert seen == sorted(it["id"] for it in dm.datasets["train"])
     ids = [i for b in dm.predict_dataloader() for i in b["ids"]]
     assert ids == [it["id"] for it in dm.datasets["predict"]]  # predict keeps the file order
+
+
+def test_eval_sampler_shards_without_repeats():
+    """Every example once across the processes (Lightning's sampler would repeat one of 2,717 on 2);
+    a split shorter than the process count gives an empty share the first example."""
+    order = by_length([5, 1, 9, 3, 7])
+    shares = [list(EvalSampler(order, 2, rank)) for rank in (0, 1)]
+    assert sorted(shares[0] + shares[1]) == list(range(5)) and [len(s) for s in shares] == [3, 2]
+    assert list(EvalSampler(order)) == order  # one process: the whole order
+    assert [list(EvalSampler([4], 2, rank)) for rank in (0, 1)] == [[4], [4]]
+    assert isinstance(EvalSampler(order, 2, 1), torch.utils.data.DistributedSampler)  # so Lightning does not wrap it
