@@ -128,6 +128,8 @@ def _without_subcommand_keys(args: list[str]) -> tuple[list[str], list[str]]:
         try:
             cfg = yaml.safe_load(Path(out[i + 1]).read_text())
         except yaml.YAMLError as err:
+            for temp in temps:  # copies of earlier --config files
+                os.unlink(temp)
             raise SystemExit(f"error: --config: {out[i + 1]} is not valid YAML ({err})") from None
         if isinstance(cfg, dict) and any(k in cfg for k in SUBCOMMAND_KEYS):
             with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:

@@ -58,6 +58,7 @@ class TemplateTokenizer:
         self.prefix, self.suffix = special_affixes(tokenizer)
         if kind == "causal":
             self.suffix = []  # nothing may follow the answer position
+            self._refuse_input_after_mask()
         self.mask_ids = self._mask_ids(mask_tokens)
         self._text_ids = {id(p): self._tok(p.text) for p in template.pieces if isinstance(p, Text)}
         fixed = len(self.prefix) + len(self.suffix) + sum(self._fixed_len(p) for p in self._pieces())
@@ -67,6 +68,19 @@ class TemplateTokenizer:
                 f"({fixed} tokens without any input) for {template.source!r}"
             )
         self.budget = max_length - fixed
+
+    def _refuse_input_after_mask(self) -> None:
+        """A causal LM reads the answer where ``{mask}`` starts and never sees what follows it: template
+        text there may go, but a field or ``{soft}`` slot there would be dropped without a word."""
+        pieces = self.template.pieces
+        cut = next((i for i, p in enumerate(pieces) if isinstance(p, Mask)), len(pieces))
+        lost = [f"{{{p.name}}}" if isinstance(p, Field) else f"{{soft:{p.count}}}"
+                for p in pieces[cut + 1:] if isinstance(p, (Field, Soft))]
+        if lost:
+            raise TemplateError(
+                f"{self.template.key}: {', '.join(lost)} after {{mask}} in {self.template.source!r}: a causal LM reads the "
+                f"answer at {{mask}} and never sees what follows it; move {'them' if len(lost) > 1 else 'it'} before {{mask}}"
+            )
 
     def _tok(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

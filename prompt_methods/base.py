@@ -122,7 +122,7 @@ class PromptModule(Feeding, L.LightningModule):
             raise BackboneError(str(err) if str(err).startswith(key) else f"{key}: {err}") from None
         self.text_answers = isinstance(self.readout, (Generator, SpanHead))
         self.head_trained = not isinstance(self.readout, (ClassificationHead, SpanHead))  # a new head starts random
-        self.num_labels = max(1, len(verbalizer))
+        self.num_labels = max(1, len(verbalizer or []))
         if metric not in METRICS:
             raise ValueError(f"model.init_args.metric: '{metric}' is not one of {', '.join(METRICS)}")
         self.metric, self.labels = metric, labels or [str(i) for i in range(self.num_labels)]

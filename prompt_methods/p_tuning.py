@@ -28,6 +28,10 @@ class PromptEncoder(nn.Module):
         super().__init__()
         if kind not in ("lstm", "mlp"):
             raise ValueError(f"model.init_args.encoder: '{kind}' is not lstm or mlp")
+        if encoder_hidden < 1 or (kind == "lstm" and encoder_hidden % 2):
+            raise ValueError(f"model.init_args.encoder_hidden: {encoder_hidden} must be "
+                             + ("an even number: the bidirectional LSTM gives each direction half of it" if kind == "lstm"
+                                else "at least 1"))
         self.embedding = nn.Embedding(num_tokens, hidden_size)
         self.lstm = None
         width = hidden_size

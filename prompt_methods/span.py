@@ -38,11 +38,17 @@ class SpanHead(nn.Module):
 
     @torch.no_grad()
     def predict(self, backbone, feed: Feed, batch: dict) -> list[str]:
-        """The best span (start <= end < start + max_answer_tokens) as text cut from the context."""
+        """The best span (start <= end < start + max_answer_tokens) of context tokens, as text cut from
+        the context. Training may aim at the first position where truncation cut the answer off, but a
+        prediction starts and ends on context tokens (a span from there into the context has no text)."""
         start, end = self.logits(backbone, feed, batch["context_mask"])
-        T = start.size(1)
+        B, T = start.shape
         scores = start.unsqueeze(2) + end.unsqueeze(1)  # (B, T, T): start i, end j
+        context = torch.zeros(B, T, dtype=torch.bool, device=scores.device)
+        for b, offsets in enumerate(batch["offsets"]):
+            context[b, [i for i in offsets if i < T]] = True
         allowed = torch.ones(T, T, dtype=torch.bool, device=scores.device).triu().tril(self.max_answer_tokens - 1)
+        allowed = allowed & context.unsqueeze(2) & context.unsqueeze(1)  # (B, T, T)
         best = scores.masked_fill(~allowed, -float("inf")).flatten(1).argmax(-1)
         answers = []
         for b, flat in enumerate(best.tolist()):

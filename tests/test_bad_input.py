@@ -250,3 +250,22 @@ def test_held_out_split_larger_than_train(tiny, family_files):
                                       test_file=family_files["fewrel"]["test"], validation_size=50)
     with pytest.raises(DataError, match=r"data.init_args.validation_size=50 does not fit a train split of 6 rows"):
         dm.setup("fit")
+
+
+def test_odd_lstm_encoder_width_is_named(tiny):
+    """The bidirectional LSTM gives each direction half of encoder_hidden: an odd width cannot be split."""
+    from prompt_methods import PTuning
+
+    with pytest.raises(ValueError, match="model.init_args.encoder_hidden: 15 must be an even number"):
+        PTuning(backbone=tiny("llama"), verbalizer=[[[5]], [[6]]], num_virtual_tokens=3, encoder_hidden=15)
+    model = PTuning(backbone=tiny("llama"), verbalizer=[[[5]], [[6]]], num_virtual_tokens=3, encoder="mlp",
+                    encoder_hidden=15)  # the MLP encoder has no halves
+    assert model.prompt_encoder().shape == (3, model.hidden_size)
+
+
+def test_text_answer_method_built_without_a_verbalizer(tiny):
+    """Generation needs no label words: None is as good as the empty list the CLI links."""
+    from prompt_methods import SoftPrompt
+
+    model = SoftPrompt(backbone=tiny("llama"), verbalizer=None, readout="generate", num_virtual_tokens=2)
+    assert model.text_answers and model.num_labels == 1

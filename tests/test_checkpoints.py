@@ -3,6 +3,8 @@ backbone, corrupt files, atomic writes, exact resume, and export to a PEFT adapt
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -169,3 +171,25 @@ def test_export_refuses_a_run_that_tuned_the_backbone(tiny, family_files, tmp_pa
         train.main(["export", "--config", SOFT, *tiny_args(tiny, family_files["sst2"], tmp_path), *tuned,
                     "--ckpt_path", str(ckpt), "--out_dir", str(tmp_path / "adapter")])
     assert not (tmp_path / "adapter").exists()
+
+
+def test_export_config_copies_are_removed_when_a_later_config_is_broken(tmp_path, monkeypatch):
+    """A run's saved config is copied without its subcommand keys; a broken --config after it must
+    not leave that copy behind."""
+    import tempfile
+
+    import train
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    saved = tmp_path / "config.yaml"
+    saved.write_text("ckpt_path: null\nseed_everything: 1\n")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    args, temps = train._without_subcommand_keys(["--config", str(saved)])
+    assert len(temps) == 1 and "ckpt_path" not in Path(temps[0]).read_text()  # the copy drops fit's key
+    Path(temps[0]).unlink()
+    with pytest.raises(SystemExit, match="broken.yaml is not valid YAML"):
+        train._without_subcommand_keys([f"--config={saved}", "--config", str(broken)])
+    assert list(scratch.iterdir()) == []

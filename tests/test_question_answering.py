@@ -275,3 +275,18 @@ def test_generation_stops_at_a_line_break_after_text(tiny, squad_file):
     # a row's last step is the first whose text so far, stripped on the left, holds a line break
     ends = [next(k for k in range(1, len(s) + 1) if "\n" in tok.decode(s[:k]).lstrip()) for s in scripts]
     assert runs[False][1] == 16 and runs[True][1] == max(ends) < 16
+
+
+def test_span_prediction_starts_and_ends_on_context_tokens():
+    """Training aims at position 0 when truncation cut the answer off, so position 0 may score high; a
+    predicted span still has to start and end on context tokens (a span from position 0 into the
+    context would be cut as empty text)."""
+    from prompt_methods.span import SpanHead
+
+    head = SpanHead(hidden_size=4, max_answer_tokens=3)
+    start = torch.tensor([[9.0, 0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0]])  # (B, T); row 1 has no context token
+    end = torch.tensor([[0.0, 0.0, 0.0, 5.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0]])
+    head.logits = lambda backbone, feed, mask: (start, end)
+    batch = {"context_mask": None, "context": ["hello big world", "x"],
+             "offsets": [{2: (0, 5), 3: (6, 9), 4: (10, 15)}, {}]}
+    assert head.predict(None, None, batch) == ["hello big", ""]

@@ -54,6 +54,21 @@ def test_causal_prompt_ends_before_answer(make_data, tiny):
     assert enc.answer_pos == len(enc.input_ids) - 1
 
 
+def test_causal_template_refuses_input_after_the_answer(tiny):
+    """A causal LM never sees what follows {mask}: trailing text may go, a field or slot there is an error
+    (a masked LM keeps them)."""
+    from transformers import AutoTokenizer
+
+    causal, mlm = AutoTokenizer.from_pretrained(tiny("llama")), AutoTokenizer.from_pretrained(tiny("bert"))
+    for source, lost in [("It was {mask}. {sentence}", "{sentence}"), ("{sentence} It was {mask} {soft:3}", "{soft:3}"),
+                         ("It was {mask}: {soft:2} {sentence}", "{soft:2}, {sentence}")]:
+        template = Template.parse(source, ["sentence"])
+        with pytest.raises(TemplateError, match=f"data.init_args.template: {lost} after {{mask}}.*move"):
+            TemplateTokenizer(causal, template, "causal", max_length=64)
+        TemplateTokenizer(mlm, template, "mlm", max_length=64)
+    TemplateTokenizer(causal, Template.parse("{sentence} It was {mask}. Really.", ["sentence"]), "causal", max_length=64)
+
+
 def test_mlm_mask_slots_match_longest_word(make_data, tiny):
     dm = make_data(tiny("bert"), label_words={"0": ["terrible", "bad"], "1": "wonderful"})
     longest = max(len(w) for words in dm.verbalizer for w in words)
