@@ -46,6 +46,10 @@ GRID_KEYS = {"name", "backbone", "tasks", "methods", "peft", "seeds", "budget", 
 BUDGET_KEYS = {"steps", "batch_size", "few_shot_k", "val_examples", "eval_examples"}
 
 
+class CellsFailed(RuntimeError):
+    """Some cells of a grid failed (the others' results are written)."""
+
+
 class GridError(ValueError):
     pass
 
@@ -82,7 +86,12 @@ def load_grid(path: str) -> dict:
     budget = grid["budget"] = grid.get("budget") or {}
     if set(budget) - BUDGET_KEYS:
         raise GridError(f"{path}: unknown budget key(s) {sorted(set(budget) - BUDGET_KEYS)}; known: {sorted(BUDGET_KEYS)}")
-    if not isinstance(budget.get("steps"), int) or budget["steps"] < 1:
+    for key in sorted(budget):
+        value = budget[key]
+        if key == "steps" or value is not None:  # steps is required; the others may be left null
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise GridError(f"{path}: budget.{key} must be a positive integer, not {value!r}")
+    if "steps" not in budget:
         raise GridError(f"{path}: budget.steps must be a positive integer")
     configs = ROOT / grid.get("configs", "configs")
     for task in grid["tasks"]:
@@ -134,9 +143,9 @@ def cell_config(grid: dict, cell: dict, cell_dir: Path) -> tuple[dict, str]:
     budget = grid["budget"]
     data = cfg["data"].setdefault("init_args", {})
     model = cfg["model"].setdefault("init_args", {})
-    if budget.get("batch_size"):
+    if budget.get("batch_size") is not None:
         data["batch_size"] = budget["batch_size"]
-    if budget.get("few_shot_k"):
+    if budget.get("few_shot_k") is not None:
         data["few_shot_k"] = budget["few_shot_k"]
     data["seed"] = cell["seed"]
     data["max_eval_samples"] = budget.get("eval_examples", 256)  # N test examples, picked by the task's eval_sample
@@ -366,7 +375,7 @@ def run_grid(grid: dict, log=print, only: dict | None = None) -> list[dict]:
             f"folder, or delete those cells' folders under {out / 'cells'} to run them again here.")
     part = f" ({len(chosen)} chosen)" if only else ""
     log(f"benchmark {grid['name']}: {len(cells)} cells{part}, {len(chosen) - len(todo)} done, {len(todo)} to run -> {out}")
-    times = []
+    times, failed = [], []
     for i, cell in enumerate(todo, 1):
         eta = f", about {sum(times) / len(times) * (len(todo) - i + 1) / 60:.0f} min left" if times else ""
         log(f"[{i}/{len(todo)}] {cell['key']}{eta}")
@@ -385,6 +394,8 @@ def run_grid(grid: dict, log=print, only: dict | None = None) -> list[dict]:
                 write_row(out / "cells" / cell["key"] / "error.json", {**cell, "error": f"{type(err).__name__}: {err}"})
                 log(f"  {cell['key']} failed: {type(err).__name__}: {err}")
         times.append(time.perf_counter() - t0)
+        if not row_path.is_file():
+            failed.append(cell["key"])
         if row_path.is_file():
             row = json.loads(row_path.read_text())
             log(f"  {row['metric']} {row['value']:.4f}, {row['train_samples_per_s']:.2f} train samples/s, "
@@ -392,6 +403,9 @@ def run_grid(grid: dict, log=print, only: dict | None = None) -> list[dict]:
         write_report(grid, collect(out, cells))
     rows = collect(out, cells)
     write_report(grid, rows, summary_run=True)
+    if failed:  # the table holds the cells that finished; the exit status says the grid did not
+        raise CellsFailed(f"{len(failed)} of {len(todo)} cell(s) failed: {', '.join(failed)} (see the log above); the "
+                          f"table holds the rest. Run the same command again to retry them.")
     return rows
 
 
@@ -451,7 +465,10 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
             seed_from_results(grid, args.resume_from)
         except GridError as err:
             sys.exit(f"error: {err}")
-    return run_grid(grid, only=only)
+    try:
+        return run_grid(grid, only=only)
+    except CellsFailed as err:
+        sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":

@@ -16,14 +16,35 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
+from datamodules.readers import DataError
+from prompt_methods.backbone import BackboneError
 from prompt_methods.callbacks import LoggedSaveConfig
 from prompt_methods.checkpointing import CheckpointError, check_checkpoint_file
+from prompt_methods.peft_format import AdapterError
+from tasks.spec import TaskError
+from tasks.template import TemplateError
 
 
 def method_name(class_path: str) -> str:
     """``prompt_methods.SoftPrompt`` -> ``soft_prompt``: the one name a method has everywhere."""
     name = class_path.rsplit(".", 1)[-1]
     return {"PTuning": "p_tuning"}.get(name, re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower())
+
+
+#: errors whose message names the config key or file at fault
+NAMED_ERRORS = (BackboneError, CheckpointError, AdapterError, DataError, TaskError, TemplateError, FileNotFoundError)
+
+
+def named_error(err: BaseException) -> BaseException | None:
+    """The first error under ``err`` (its causes, and contexts not suppressed with ``from None``) that
+    names the config key or file at fault, if any: what a class raised inside jsonargparse's wrapper."""
+    seen, current = set(), err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, NAMED_ERRORS) or re.match(r"^(data|model|trainer|ckpt_path)[.:]", str(current)):
+            return current
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    return None
 
 
 class PromptCLI(LightningCLI):
@@ -49,11 +70,9 @@ class PromptCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except (ValueError, FileNotFoundError) as err:
-            root = err
-            while (root.__cause__ or root.__context__) is not None:
-                root = root.__cause__ or root.__context__
-            if root is not err and re.match(r"^(data|model|trainer|ckpt_path)[.:]", str(root)):
-                raise root from None
+            named = named_error(err)
+            if named is not None:
+                raise named from None
             raise
 
     def _parse_ckpt_path(self) -> None:
@@ -143,7 +162,7 @@ def export(args: list[str]):
     """Load a checkpoint into the config's method and write it as a PEFT adapter folder."""
     import torch
 
-    from prompt_methods.peft_format import AdapterError, export_adapter
+    from prompt_methods.peft_format import export_adapter
 
     args = list(args)
     ckpt, out_dir = _pop(args, "--ckpt_path"), _pop(args, "--out_dir")
@@ -161,7 +180,7 @@ def export(args: list[str]):
                                "prompt adapter holds only the prompt, so it would not reproduce the run")
         cli.model.load_state_dict(state["state_dict"], strict=False)
         path = export_adapter(cli.model, out_dir, template=cli.datamodule.template.source)
-    except (CheckpointError, AdapterError) as err:
+    except (CheckpointError, AdapterError, OSError) as err:  # OSError: an --out_dir that cannot be written
         raise SystemExit(f"error: {err}") from None
     finally:
         for temp in temps:

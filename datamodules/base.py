@@ -20,7 +20,8 @@ from datamodules.sampling import BucketSampler, EvalSampler, ResumableLoader, by
 from prompt_methods.backbone import load_tokenizer, resolve_kind
 from tasks.spec import EVAL_SAMPLES, SplitSource, TaskSpec, load_task
 
-DEFAULT_DATA_DIR = os.environ.get("PROMPTLIT_DATA", "../shared/data")
+#: ``shared/data`` beside the repository (not the working directory), unless ``PROMPTLIT_DATA`` says otherwise
+DEFAULT_DATA_DIR = os.environ.get("PROMPTLIT_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
 SPLITS = ("train", "validation", "test", "predict")
 #: the splits each Lightning stage reads
 STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",), "predict": ("predict",)}
@@ -100,6 +101,14 @@ class PromptDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        for key, value in (("max_length", max_length), ("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
+                           ("few_shot_k", few_shot_k), ("max_train_samples", max_train_samples),
+                           ("max_eval_samples", max_eval_samples), ("max_val_samples", max_val_samples)):
+            if value is not None and (isinstance(value, bool) or value < 1):
+                off = " (null for no cap)" if key.startswith(("max_", "few_")) and key != "max_length" else ""
+                raise DataError(f"data.init_args.{key}: {value} must be a positive integer{off}")
+        if num_workers < 0:
+            raise DataError(f"data.init_args.num_workers: {num_workers} must be 0 or more")
         self.spec: TaskSpec = load_task(task)
         if self.spec.family != self.family:
             raise DataError(

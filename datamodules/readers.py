@@ -217,16 +217,22 @@ def read_split(src: SplitSource, data_dir: str | Path, split: str, required: lis
         rows, origin = _read_hub(src), f"hub dataset '{src.hub}'"
     else:
         path = Path(src.file).expanduser()
-        if not path.is_absolute():
+        relative = not path.is_absolute()
+        if relative:
             path = Path(data_dir) / path
         if not path.is_file():
-            raise DataError(f"{split} file not found: {path}")
+            hint = (f" (relative to data.init_args.data_dir={data_dir}; set it, or PROMPTLIT_DATA, to the folder holding "
+                    f"the task's files)") if relative else ""
+            raise DataError(f"{split} file not found: {path}{hint}")
         if path.stat().st_size == 0:
             raise DataError(f"{split} file is empty: {path}")
         fmt = src.format or path.suffix.lstrip(".").lower()
         if fmt not in READERS:
             raise DataError(f"{path}: unknown format '{fmt}'; known: {', '.join(READERS)}")
-        rows, origin = READERS[fmt](path, src), str(path)
+        try:
+            rows, origin = READERS[fmt](path, src), str(path)
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: not UTF-8 text ({err}); re-save it as UTF-8") from None
     if not rows:
         raise DataError(f"{origin}: no rows")
     out = []
@@ -252,5 +258,10 @@ def read_label_words(path: Path) -> dict[str, list[str]]:
     (FewRel's ``pid2name.json``); the name is the label word."""
     if not path.is_file():
         raise DataError(f"label_words_file not found: {path}")
-    raw = json.loads(path.read_text())
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"label_words_file {path}: not a UTF-8 JSON object ({err})") from None
+    if not isinstance(raw, dict):
+        raise DataError(f"label_words_file {path}: expected a JSON object label -> name")
     return {str(k): [v if isinstance(v, str) else v[0]] for k, v in raw.items()}

@@ -175,7 +175,10 @@ def resolve_kind(name: str, kind: str = "auto", trust_remote_code: bool = False)
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load the tokenizer of a backbone and make sure it can pad."""
     location, _ = load_config(name, trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:  # a folder with a config but no tokenizer files, say
+        raise BackboneError(f"model.init_args.backbone: cannot load a tokenizer from {location} ({err})") from None
     if tokenizer.pad_token is None:
         for candidate in (tokenizer.eos_token, tokenizer.unk_token, tokenizer.sep_token):
             if candidate is not None:
@@ -213,5 +216,8 @@ def load_backbone(
     kwargs = {"trust_remote_code": trust_remote_code, "dtype": dtype or torch.float32}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    model = _AUTO_CLASSES[kind].from_pretrained(location, **kwargs)
+    try:
+        model = _AUTO_CLASSES[kind].from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as err:  # no weights in the folder, or weights of another architecture
+        raise BackboneError(f"model.init_args.backbone: cannot load {location} as a {kind} model ({err})") from None
     return model, kind

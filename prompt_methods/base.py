@@ -90,6 +90,11 @@ class PromptModule(Feeding, L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["verbalizer", "labels"])
+        for key, value, ok, need in (("lr", lr, lr > 0, "above 0"), ("weight_decay", weight_decay, weight_decay >= 0, "0 or more"),
+                                     ("warmup_ratio", warmup_ratio, 0 <= warmup_ratio < 1, "in [0, 1)"),
+                                     ("max_new_tokens", max_new_tokens, max_new_tokens >= 1, "at least 1")):
+            if not ok:
+                raise ValueError(f"model.init_args.{key}: {value} must be {need}")
         self.tune_backbone, self.lr, self.weight_decay, self.warmup_ratio = tune_backbone, lr, weight_decay, warmup_ratio
         self.backbone_dtype, self.attn_implementation = backbone_dtype, attn_implementation
         self.residual_dtype, self.fp32_stream = residual_dtype, False

@@ -17,12 +17,18 @@ install is needed for either direction.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from prompt_methods.callbacks import atomic_write_text
+
+#: the two files of a PEFT adapter folder
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 PEFT_TYPE_OF = {"SoftPrompt": "PROMPT_TUNING", "PTuning": "P_TUNING", "PrefixTuning": "PREFIX_TUNING"}
 
@@ -91,20 +97,35 @@ def export_adapter(module, out_dir: str | Path, template: str | None = None) -> 
             "tokens, so the exported adapter would not give the same outputs; train with a template without {soft:N}"
         )
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config = adapter_config(module)
+    if out.exists() and not out.is_dir():
+        raise AdapterError(f"--out_dir: {out} is a file, not a folder")
+    config = json.dumps(adapter_config(module), indent=2, sort_keys=True)
     tensors = {"prompt_embeddings": prompt_embeddings(module)}
-    tmp = out / ".adapter_model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out / "adapter_model.safetensors")
-    atomic_write_text(out / "adapter_config.json", json.dumps(config, indent=2, sort_keys=True))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # both files are written in full into a staging folder first; a new folder then appears whole (one
+    # rename), and in an existing one each file is replaced whole, the weights an instant before the config
+    stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        save_file(tensors, str(stage / WEIGHTS), metadata={"format": "pt"})
+        atomic_write_text(stage / CONFIG, config)
+        with open(stage / WEIGHTS, "rb") as f:
+            os.fsync(f.fileno())
+        try:
+            stage.rename(out)  # out does not exist yet (or is an empty folder)
+            return out
+        except OSError:
+            pass
+        for name in (WEIGHTS, CONFIG):
+            os.replace(stage / name, out / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return out
 
 
 def read_adapter(path: str | Path, key: str = "model.init_args.adapter") -> tuple[dict, torch.Tensor]:
     """(adapter_config, prompt_embeddings) of a PEFT prompt-learning adapter folder; errors name ``key``."""
     folder = Path(path)
-    cfg_file, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    cfg_file, weights = folder / CONFIG, folder / WEIGHTS
     if not cfg_file.is_file():
         raise AdapterError(f"{key}: {cfg_file} not found (a PEFT adapter folder holds adapter_config.json)")
     try:

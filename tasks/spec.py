@@ -93,7 +93,7 @@ class TaskSpec:
             raise TaskError(f"{origin}: {err}") from None
         if spec.eval_sample not in EVAL_SAMPLES:
             raise TaskError(f"{origin}: eval_sample must be one of {', '.join(EVAL_SAMPLES)}, not {spec.eval_sample!r}")
-        spec.parsed_template()
+        spec.parsed_template(key=f"{origin}: template")
         return spec
 
     def parsed_template(self, template: str | None = None, key: str = "data.init_args.template") -> Template:
@@ -108,8 +108,10 @@ def load_task(name_or_path: str) -> TaskSpec:
     if not path.exists():
         known = ", ".join(sorted(p.stem for p in TASK_DIR.glob("*.yaml")))
         raise TaskError(f"data.init_args.task: '{name_or_path}' is neither a built-in task ({known}) nor a YAML file")
-    with open(path) as f:
-        raw = yaml.safe_load(f)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise TaskError(f"{path}: not a valid YAML task file ({err})") from None
     if not isinstance(raw, dict):
         raise TaskError(f"{path}: a task file must be a YAML mapping")
     return TaskSpec.from_dict(raw, str(path))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 import subprocess
 import sys
 
@@ -28,8 +29,9 @@ def nothing_half_written(folder) -> None:
 
 
 def fails(args, sub, monkeypatch, tmp_path, error, match):
-    with pytest.raises(error, match=match):
+    with pytest.raises(error, match=match) as got:
         run_cli(args, sub, monkeypatch)
+    assert "Given value" not in str(got.value)  # the class's own error, not jsonargparse's wrapper around it
     assert not list(tmp_path.rglob("*.ckpt"))  # it stopped before writing anything
     nothing_half_written(tmp_path)
 
@@ -269,3 +271,61 @@ def test_text_answer_method_built_without_a_verbalizer(tiny):
 
     model = SoftPrompt(backbone=tiny("llama"), verbalizer=None, readout="generate", num_virtual_tokens=2)
     assert model.text_answers and model.num_labels == 1
+
+
+def test_backbone_folder_without_tokenizer_or_weights(tiny, family_files, tmp_path, monkeypatch):
+    """A folder with a config but no tokenizer files, or no weights, names model.init_args.backbone."""
+    source = Path(tiny("llama"))
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(source / "config.json", bare / "config.json")
+    fails(base(tiny, family_files["sst2"], tmp_path / "a", backbone=str(bare)), "fit", monkeypatch, tmp_path / "a",
+          ValueError, rf"^model.init_args.backbone: cannot load a tokenizer from {bare}")
+    no_weights = tmp_path / "no_weights"
+    shutil.copytree(source, no_weights, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    fails(base(tiny, family_files["sst2"], tmp_path / "b", backbone=str(no_weights)), "fit", monkeypatch, tmp_path / "b",
+          ValueError, rf"^model.init_args.backbone: cannot load {no_weights} as a causal model")
+
+
+@pytest.mark.parametrize("text,match", [
+    ("name: t\nfamily: classification\nfields: [sentence]\nlabelz: [a]\n", r"unexpected keyword argument 'labelz'"),
+    ("name: [unclosed\n", r"not a valid YAML task file"),
+    ("name: t\nfamily: classification\nfields: [sentence]\nlabels: ['0', '1']\n"
+     "label_words: {'0': bad, '1': good}\ntemplate: '{sentense} {mask}'\n", r": template: unknown placeholder '\{sentense\}'"),
+])
+def test_broken_task_file_is_named(text, match, tiny, family_files, tmp_path, monkeypatch):
+    """Errors in a user's task YAML name that file (not data.init_args.template, which the user never set)."""
+    task = tmp_path / "mytask.yaml"
+    task.write_text(text)
+    args = base(tiny, family_files["sst2"], tmp_path) + ["--data.init_args.task", str(task)]
+    fails(args, "fit", monkeypatch, tmp_path, ValueError, rf"^{task}.*{match}")
+
+
+def test_data_file_that_is_not_utf8(tiny, family_files, tmp_path, monkeypatch):
+    latin = tmp_path / "latin.tsv"
+    latin.write_bytes("sentence\tlabel\ncaf\xe9 au lait\t1\n".encode("latin-1"))
+    args = base(tiny, family_files["sst2"], tmp_path) + ["--data.init_args.train_file", str(latin)]
+    fails(args, "fit", monkeypatch, tmp_path, ValueError, rf"^{latin}: not UTF-8 text")
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("data.init_args.batch_size", "0", "data.init_args.batch_size: 0 must be a positive integer"),
+    ("data.init_args.eval_batch_size", "-4", "data.init_args.eval_batch_size: -4 must be a positive integer"),
+    ("data.init_args.max_eval_samples", "-3", r"data.init_args.max_eval_samples: -3 must be a positive integer \(null"),
+    ("data.init_args.few_shot_k", "0", "data.init_args.few_shot_k: 0 must be a positive integer"),
+    ("model.init_args.lr", "-0.1", r"model.init_args.lr: -0.1 must be above 0"),
+    ("model.init_args.warmup_ratio", "1.5", r"model.init_args.warmup_ratio: 1.5 must be in \[0, 1\)"),
+])
+def test_out_of_range_numbers_are_named(key, value, match, tiny, family_files, tmp_path, monkeypatch):
+    fails(base(tiny, family_files["sst2"], tmp_path) + [f"--{key}", value], "fit", monkeypatch, tmp_path, ValueError,
+          f"^{match}")
+
+
+def test_missing_relative_data_file_says_where_it_looked(tiny, family_files):
+    from datamodules import ClassificationDataModule
+    from datamodules.readers import DataError
+
+    dm = ClassificationDataModule(task="sst2", backbone=tiny("llama"), data_dir="/nowhere/data")
+    with pytest.raises(DataError, match=r"test file not found: /nowhere/data/sst2/.*relative to "
+                                        r"data.init_args.data_dir=/nowhere/data; set it, or PROMPTLIT_DATA"):
+        dm.setup("test")

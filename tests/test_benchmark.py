@@ -143,7 +143,10 @@ def test_grid_errors_name_the_key(tmp_path):
     for change, message in (({"seeds": 13}, "'seeds' must be a list, e.g. seeds: [13]"),
                             ({"tasks": "sst2"}, "'tasks' must be a list"),
                             ({"seeds": ["a"]}, "seeds must be integers"),
-                            ({"budget": [1]}, "'budget' must be a mapping")):
+                            ({"budget": [1]}, "'budget' must be a mapping"),
+                            ({"budget": {"steps": 1, "batch_size": 0}}, "budget.batch_size must be a positive integer, not 0"),
+                            ({"budget": {"steps": 1, "eval_examples": "all"}}, "budget.eval_examples must be a positive integer"),
+                            ({"budget": {"batch_size": 2}}, "budget.steps must be a positive integer")):
         bad.write_text(yaml.safe_dump({**base, **change}))
         with pytest.raises(benchmark.GridError, match=re.escape(message)):
             benchmark.load_grid(str(bad))
@@ -261,3 +264,15 @@ def test_resume_from_a_recorded_results_json(grid_file, tmp_path, monkeypatch, c
     with pytest.raises(SystemExit, match="--resume-from: .*nothing.json does not exist"):
         benchmark.main(["--config", str(grid_file), "--out", str(tmp_path / "other"), "--resume-from", str(tmp_path / "nothing.json")])
     assert not (tmp_path / "other" / "cells").exists()  # a refused file seeds nothing
+
+
+def test_failed_cells_make_the_command_fail(grid_file, tmp_path):
+    """A grid whose cells fail still writes its table of the cells that finished, but exits non-zero
+    naming the failed cells, so a script or CI does not take it for a finished benchmark."""
+    grid = yaml.safe_load(grid_file.read_text())
+    grid["methods"], grid["peft"], grid["seeds"] = ["zero_shot"], [], [1]
+    grid["overrides"]["data.init_args.test_file"] = str(tmp_path / "missing.tsv")
+    grid_file.write_text(yaml.safe_dump(grid))
+    with pytest.raises(SystemExit, match=r"error: 1 of 1 cell\(s\) failed: sst2-zero_shot-promptlit-s1"):
+        benchmark.main(["--config", str(grid_file)])
+    assert (Path(grid["out"]) / "table.md").is_file()

@@ -150,3 +150,22 @@ def test_peft_peer_starts_from_our_soft_prompt(tiny):
     torch.testing.assert_close(start["peft_7"], start["ours_7"])
     assert not torch.equal(start["ours_7"], start["ours"])
     assert not torch.equal(start["peft_own"], start["ours"])
+
+
+def test_export_into_a_file_new_folder_or_earlier_export(tiny, tmp_path):
+    """--out_dir that is a file is named; a new folder appears whole; a second export into the same
+    folder replaces both files and keeps the user's other files; no staging folder is left behind."""
+    path = tiny("llama")
+    (tmp_path / "afile").write_text("x")
+    soft = trained(SoftPrompt(backbone=path, verbalizer=VERB, num_virtual_tokens=2, init="random"))
+    with pytest.raises(AdapterError, match=r"--out_dir: .*afile is a file, not a folder"):
+        export_adapter(soft, tmp_path / "afile")
+    out = export_adapter(soft, tmp_path / "nested" / "adapter")
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    (out / "NOTES.md").write_text("mine")
+    other = trained(SoftPrompt(backbone=path, verbalizer=VERB, num_virtual_tokens=3, init="random"))
+    export_adapter(other, out)
+    assert (out / "NOTES.md").read_text() == "mine"
+    back = SoftPrompt(backbone=path, verbalizer=VERB, adapter=str(out))
+    torch.testing.assert_close(back.prompt.detach(), other.prompt.detach().float())
+    assert sorted(p.name for p in (tmp_path / "nested").iterdir()) == ["adapter"]  # no staging folder left
