@@ -91,8 +91,15 @@ class PromptCLI(LightningCLI):
                 raise SystemExit(f"error: {err}") from None
 
     def before_instantiate_classes(self) -> None:
-        """Tag W&B runs with task and method, and name them after both."""
+        """Refuse values for the model keys linked from the data module; tag W&B runs with task and
+        method, and name them after both."""
         cfg = self.config[self.subcommand] if self.subcommand else self.config
+        given = cfg.model.get("init_args") or {}
+        for key, source, default in (("metric", "the task's metric", "accuracy"), ("verbalizer", "the label words", None),
+                                     ("labels", "the task's labels", None)):
+            if key in given and given[key] != default:  # linked from the data module: a value given here would be dropped
+                raise ValueError(f"model.init_args.{key}: set from data ({source}: data.init_args.task, or the task "
+                                 f"file), not here; remove {given[key]!r}")
         logger = cfg.trainer.get("logger")
         if not logger or not isinstance(logger, dict) and not hasattr(logger, "init_args"):
             return

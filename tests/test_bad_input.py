@@ -329,3 +329,9 @@ def test_missing_relative_data_file_says_where_it_looked(tiny, family_files):
     with pytest.raises(DataError, match=r"test file not found: /nowhere/data/sst2/.*relative to "
                                         r"data.init_args.data_dir=/nowhere/data; set it, or PROMPTLIT_DATA"):
         dm.setup("test")
+
+
+def test_model_keys_linked_from_the_data_are_refused(tiny, family_files, tmp_path, monkeypatch):
+    """The metric, label words and labels come from the task: a value for the model's copy was dropped silently."""
+    fails(base(tiny, family_files["sst2"], tmp_path) + ["--model.init_args.metric", "macro_f1"], "fit", monkeypatch,
+          tmp_path, ValueError, r"^model.init_args.metric: set from data \(the task's metric")
