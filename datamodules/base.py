@@ -271,7 +271,8 @@ class PromptDataModule(L.LightningDataModule):
         elif self.text_answers and row.get("answers"):
             item["answers"] = [str(a) for a in row["answers"]]
             space = TemplateTokenizer.mask_space(self.template) if self.kind == "causal" else ""
-            item["target_ids"] = generation_target(self.tokenizer, item["answers"][0], space, self.spec.max_answer_tokens)
+            item["target_ids"] = generation_target(self.tokenizer, item["answers"][0], space, self.spec.max_answer_tokens,
+                                                   self.kind)
         elif not self.text_answers and (split != "predict" or "label" in row):
             item["label"] = self.label_index(row, f"{split} split of {self._source_of(split)}")
         return item

@@ -184,10 +184,22 @@ def answer_span(enc: Encoded, row: dict, field: str) -> dict:
     return {"offsets": enc.offsets, "context": str(row[field]), "answers": answers, "span": (start, end)}
 
 
-def generation_target(tokenizer: PreTrainedTokenizerBase, answer: str, space: str, max_tokens: int) -> list[int]:
+def sentinels(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int] | None:
+    """The ids of ``<extra_id_0>`` and ``<extra_id_1>`` where the tokenizer has them (T5's span sentinels)."""
+    vocab = tokenizer.get_vocab()
+    first, second = vocab.get("<extra_id_0>"), vocab.get("<extra_id_1>")
+    return None if first is None or second is None else (first, second)
+
+
+def generation_target(tokenizer: PreTrainedTokenizerBase, answer: str, space: str, max_tokens: int,
+                      kind: str = "causal") -> list[int]:
     """Token ids a generated answer is trained on: the answer (after ``space``, as it follows the
-    prompt), cut to ``max_tokens - 1`` tokens, then the end token."""
+    prompt), cut to ``max_tokens - 1`` tokens, then the end token. A T5-style seq2seq decoder fills
+    the input's ``<extra_id_0>`` as in pretraining: ``<extra_id_0> answer <extra_id_1>``, then the end."""
     ids = tokenizer(space + answer.strip(), add_special_tokens=False)["input_ids"]
+    marks = sentinels(tokenizer) if kind == "seq2seq" else None
+    if marks:
+        return [marks[0]] + ids[: max(1, max_tokens - 3)] + [marks[1], tokenizer.eos_token_id]
     return ids[: max_tokens - 1] + [tokenizer.eos_token_id]
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
+from datamodules.encoding import sentinels
 from prompt_methods.prompt_cache import output_cache
 from prompt_methods.readout import Feed, base_forward
 
@@ -34,6 +35,10 @@ class Generator(nn.Module):
         if kind not in ("causal", "seq2seq"):
             raise ValueError(f"generation needs a causal or seq2seq backbone, not {kind}")
         self.kind, self.eos_id, self.max_new_tokens = kind, eos_id, max_new_tokens
+        # a T5-style decoder starts its answer with the input's <extra_id_0> and ends it at <extra_id_1>
+        # (``encoding.generation_target``), as its pretraining filled masked spans
+        self.sentinels = sentinels(tokenizer) if tokenizer is not None and kind == "seq2seq" else None
+        self.stops = {eos_id} | ({self.sentinels[1]} if self.sentinels else set())
         self.line_ends = tokenizer is not None and kind == "causal"
         if self.line_ends:
             text, breaks, ends = line_break_tables(tokenizer, vocab_size)
@@ -71,9 +76,12 @@ class Generator(nn.Module):
         B = feed.inputs_embeds.size(0)
         if self.kind == "seq2seq":
             enc = base_forward(backbone, feed).last_hidden_state
+            start = [backbone.config.decoder_start_token_id] + ([self.sentinels[0]] if self.sentinels else [])
+            lead = torch.tensor([start] * B, device=enc.device)
             out = backbone.generate(encoder_outputs=BaseModelOutput(last_hidden_state=enc), attention_mask=feed.attention_mask,
-                                    max_new_tokens=self.max_new_tokens, do_sample=False, eos_token_id=self.eos_id)
-            tokens = out[:, 1:]
+                                    decoder_input_ids=lead, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                    eos_token_id=sorted(self.stops))
+            tokens = out[:, len(start):]
         else:
             out = base_forward(backbone, feed, use_cache=True)
             cache, hidden, steps = output_cache(out), out.last_hidden_state[:, -1], []
@@ -96,7 +104,8 @@ class Generator(nn.Module):
             tokens = torch.stack(steps, 1)
         answers = []
         for row in tokens.tolist():
-            answers.append(row[: row.index(self.eos_id)] if self.eos_id in row else row)
+            end = next((i for i, t in enumerate(row) if t in self.stops), len(row))
+            answers.append(row[:end])
         return answers
 
 

@@ -51,6 +51,7 @@ def _wordpiece_tokenizer() -> PreTrainedTokenizerFast:
 def _t5_tokenizer() -> PreTrainedTokenizerFast:
     tok = _bpe_tokenizer()
     tok._tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tok.eos_token_id)])
+    tok.add_special_tokens({"additional_special_tokens": ["<extra_id_0>", "<extra_id_1>"]})  # the sentinels that frame an answer
     return tok
 
 

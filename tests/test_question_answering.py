@@ -122,18 +122,25 @@ def test_generation_seq2seq(name, tiny, squad_file):
     assert torch.isfinite(loss) and loss.requires_grad
     model.eval()
     answers = model.readout.generate(model.backbone, model.feed(batch))
-    # reference: greedy decoding without a cache, three steps, cut at the end token
+    # the answer is trained and decoded as T5 fills a masked span: <extra_id_0> answer <extra_id_1> </s>
+    first, second = (dm.tokenizer.convert_tokens_to_ids(t) for t in ("<extra_id_0>", "<extra_id_1>"))
+    for ids, n in zip(batch["target_ids"].tolist(), batch["target_mask"].sum(1).tolist()):
+        assert ids[0] == first and ids[n - 2:n] == [second, dm.tokenizer.eos_token_id] and n > 3
+    # reference: greedy decoding without a cache from <extra_id_0>, three steps, cut at the end token or <extra_id_1>
     with torch.no_grad():
         feed = model.feed(batch)
         enc = base_forward(model.backbone, feed).last_hidden_state
         start = model.backbone.config.decoder_start_token_id
-        dec = torch.full((4, 1), start, dtype=torch.long)
+        dec = torch.tensor([[start, first]] * 4)
         for _ in range(3):
             logits = model.backbone(encoder_outputs=(enc,), attention_mask=feed.attention_mask, decoder_input_ids=dec).logits
             dec = torch.cat([dec, logits[:, -1].argmax(-1, keepdim=True)], 1)
-    eos = model.readout.eos_id
-    expected = [row[: row.index(eos)] if eos in row else row for row in dec[:, 1:].tolist()]
-    assert answers == expected and len(answers) == 4 and any(answers)
+    stops = {model.readout.eos_id, second}
+    expected = [row[: next((i for i, t in enumerate(row) if t in stops), len(row))] for row in dec[:, 2:].tolist()]
+    assert answers == expected and len(answers) == 4
+    # a pretrained T5 closes the span with <extra_id_1> and goes on; the answer stops there
+    model.backbone.generate = lambda **kw: torch.tensor([[start, first, 11, 12, second, 13, 1]] * 4)
+    assert model.readout.generate(model.backbone, model.feed(batch)) == [[11, 12]] * 4
 
 
 def test_generative_loss_falls(tiny, squad_file):
