@@ -212,8 +212,8 @@ def run_cell(grid: dict, cell: dict, out: Path) -> dict:
     speed = cb["Throughput"].summary() if isinstance(cb.get("Throughput"), Throughput) else {}
     peak = cb["PeakMemory"].measure(trainer) if isinstance(cb.get("PeakMemory"), PeakMemory) else float("nan")
     metrics = {**fitted, **scalars()}
-    ckpts = sorted((cell_dir / "checkpoints").glob("*.ckpt"))
-    ckpt_bytes = ckpts[0].stat().st_size if ckpts else 0
+    ckpts = sorted((cell_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    ckpt_bytes = ckpts[-1].stat().st_size if ckpts else 0  # this attempt's (a retried cell may find an earlier one's)
     if not grid.get("keep_checkpoints", False):
         for path in ckpts:
             path.unlink()

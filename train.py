@@ -86,6 +86,8 @@ class PromptCLI(LightningCLI):
         path = self.config[sub].get("ckpt_path") if sub else None
         if path:
             try:
+                if path in ("last", "best"):
+                    path = self.config[sub]["ckpt_path"] = resolve_named_checkpoint(path, self.config[sub])
                 check_checkpoint_file(path)
             except CheckpointError as err:
                 raise SystemExit(f"error: {err}") from None
@@ -110,6 +112,35 @@ class PromptCLI(LightningCLI):
             args["tags"] = sorted({*(args.get("tags") or []), task, method})
             args["name"] = args.get("name") or f"{task}-{method}"
             args["group"] = args.get("group") or task
+
+
+def resolve_named_checkpoint(name: str, cfg) -> str:
+    """``--ckpt_path last``/``best`` under the W&B logger: a new W&B run gets a new folder, where
+    Lightning's ``last`` finds nothing (it would warn and train from scratch), and ``best`` exists only
+    inside the process that ran the fit. ``last`` of a run named by ``trainer.logger.init_args.id`` is
+    that run's ``last.ckpt``; otherwise both are refused, naming the newest checkpoint to pass instead.
+    Other loggers (and none) keep Lightning's own lookup."""
+    logger = cfg.trainer.get("logger")
+    class_path = (logger.get("class_path") if isinstance(logger, dict) else getattr(logger, "class_path", "")) if logger else ""
+    if "WandbLogger" not in str(class_path):  # no logger (checkpoints in <default_root_dir>/checkpoints), or
+        return name  # one that numbers its runs: Lightning's own lookup
+    args = (logger.get("init_args") if isinstance(logger, dict) else getattr(logger, "init_args", None)) or {}
+    save_dir, project = Path(args.get("save_dir") or "outputs"), args.get("project") or "promptlit"
+    run = args.get("id") or args.get("version")
+    if name == "last" and run and (save_dir / str(project) / str(run) / "checkpoints" / "last.ckpt").is_file():
+        return str(save_dir / str(project) / str(run) / "checkpoints" / "last.ckpt")
+    pattern = "last.ckpt" if name == "last" else "*.ckpt"
+    found = sorted((p for p in (save_dir / str(project)).glob(f"*/checkpoints/{pattern}") if p.name != "last.ckpt" or name == "last"),
+                   key=lambda p: p.stat().st_mtime)
+    hint = f"; the newest is {found[-1]}" if found else f"; none found under {save_dir / str(project)}"
+    if name == "best":
+        message = "ckpt_path: 'best' is known only inside the process that ran the fit"
+    elif run:
+        message = f"ckpt_path: 'last': run {run}'s folder has no last.ckpt"
+    else:
+        message = ("ckpt_path: 'last': this command starts a new run, whose folder is empty "
+                   "(trainer.logger.init_args.id=<run id> resumes a run in its own folder)")
+    raise CheckpointError(f"{message}; pass the checkpoint file instead{hint}")
 
 
 def default_trainer() -> dict:

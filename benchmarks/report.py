@@ -198,7 +198,7 @@ def plots(rows: list[dict], out: Path) -> list[Path]:
 
 
 def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")  # two reports into one folder do not share it
     fig.savefig(tmp, dpi=120)
     os.replace(tmp, path)
     return path

@@ -306,7 +306,11 @@ class PromptDataModule(L.LightningDataModule):
         hp = self.hparams
         size = hp.batch_size if split == "train" else hp.eval_batch_size
         data = self.datasets[split]
-        kwargs = {"shuffle": shuffle, "generator": torch.Generator().manual_seed(hp.seed) if shuffle else None}
+        # every loader has its own generator: starting an iteration draws a seed from the loader's
+        # generator, or else from the global one that dropout uses, which a resumed fit (that starts
+        # other iterations before its first step) would then not reproduce
+        rng = torch.Generator().manual_seed(hp.seed)
+        kwargs = {"shuffle": shuffle, "generator": rng}
         trainer = getattr(self, "trainer", None)
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         if hp.bucket_by_length and split != "predict":
@@ -314,11 +318,11 @@ class PromptDataModule(L.LightningDataModule):
             if shuffle:
                 sampler = BucketSampler(lengths, size, hp.seed, num_replicas=world, rank=rank)
                 return ResumableLoader(data, batch_size=size, sampler=sampler, collate_fn=self.collate,
-                                       num_workers=hp.num_workers, batches_done=self._batches_done)
+                                       num_workers=hp.num_workers, batches_done=self._batches_done, generator=rng)
             order = by_length(lengths)
-            kwargs = {"sampler": EvalSampler(order, world, rank) if self._shard_eval(split) else order}
+            kwargs = {"sampler": EvalSampler(order, world, rank) if self._shard_eval(split) else order, "generator": rng}
         elif not shuffle and self._shard_eval(split):  # file order, sharded without repeats
-            kwargs = {"sampler": EvalSampler(list(range(len(data))), world, rank)}
+            kwargs = {"sampler": EvalSampler(list(range(len(data))), world, rank), "generator": rng}
         return DataLoader(data, batch_size=size, collate_fn=self.collate, num_workers=hp.num_workers, **kwargs)
 
     def _shard_eval(self, split: str) -> bool:

@@ -17,7 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from prompt_methods import runtime
 from prompt_methods.backbone import BackboneError, load_backbone, load_tokenizer, resolve_kind
-from prompt_methods.checkpointing import backbone_fingerprint, check_compatible, trim_state
+from prompt_methods.checkpointing import backbone_fingerprint, check_compatible, restore_rng, rng_state, trim_state
 from prompt_methods.generation import Generator
 from prompt_methods.feeding import Feeding
 from prompt_methods.optim import adamw_with_schedule, count_params, freeze_except
@@ -264,7 +264,8 @@ class PromptModule(Feeding, L.LightningModule):
         metric(scores, batch["labels"])
         bs = len(batch["labels"])
         self.log(f"{split}/loss", loss, prog_bar=split == "train", batch_size=bs, sync_dist=split != "train")
-        self.log(f"{split}/acc", metric, prog_bar=True, batch_size=bs, on_step=split == "train", on_epoch=True)
+        train = split == "train"  # per step in training (one key, train/acc), per evaluation otherwise
+        self.log(f"{split}/acc", metric, prog_bar=True, batch_size=bs, on_step=train, on_epoch=not train)
         return loss
 
     def training_step(self, batch, batch_idx):
@@ -307,9 +308,13 @@ class PromptModule(Feeding, L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep only trained weights when the backbone is frozen; record method and backbone fingerprint."""
+        """Keep only trained weights when the backbone is frozen; record method and backbone fingerprint,
+        and the random number generators' state (dropout in a tuned backbone or a head draws from it)."""
         trim_state(self, checkpoint)
+        checkpoint["rng"] = rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_compatible(self, checkpoint)
         self.head_trained = True
+        if self._trainer is not None and self.trainer.state.fn == "fit" and "rng" in checkpoint:
+            restore_rng(checkpoint["rng"])  # a resumed fit draws the dropout masks an uninterrupted one would

@@ -175,11 +175,13 @@ class LastCheckpoint(Callback):
     """Writes ``last.ckpt`` after every validation during fit (and every ``every_n_train_steps`` steps,
     and at the end), beside the best checkpoint. Lightning's own ``save_last`` refreshes it only when
     the monitored metric improves, which would make a killed run lose every step since its best one.
+    A fit without validation (``limit_val_batches: 0``, no validation split) writes it where a
+    validation would have run (``val_check_interval``), or at each epoch's end.
     Writes go through the trainer's checkpoint IO (atomic by default)."""
 
     def __init__(self, dirpath: str | None = None, every_n_train_steps: int | None = None):
         self.dirpath, self.every_n_train_steps = dirpath, every_n_train_steps
-        self._saved_step = -1
+        self._saved_step, self._saved_after_validation = -1, False
 
     def _folder(self, trainer) -> Path:
         if self.dirpath:
@@ -187,14 +189,16 @@ class LastCheckpoint(Callback):
         best = trainer.checkpoint_callback
         if best is not None and best.dirpath:
             return Path(best.dirpath)
-        return Path(trainer.default_root_dir) / "checkpoints"
+        return run_dir(trainer) / "checkpoints"
 
-    def save(self, trainer) -> None:
-        if (trainer.global_step == self._saved_step or trainer.sanity_checking or trainer.state.fn != "fit"
-                or trainer.fast_dev_run):  # Lightning writes no checkpoints in a fast_dev_run either
-            return
+    def save(self, trainer, after_validation: bool = False) -> None:
+        # a step saved at its batch's end is saved again after that step's validation, which the
+        # checkpoint must include (scores, the best-checkpoint tracker, the loop's validation state)
+        done = trainer.global_step == self._saved_step and (self._saved_after_validation or not after_validation)
+        if done or trainer.sanity_checking or trainer.state.fn != "fit" or trainer.fast_dev_run:
+            return  # Lightning writes no checkpoints in a fast_dev_run either
         trainer.save_checkpoint(self._folder(trainer) / "last.ckpt")
-        self._saved_step = trainer.global_step
+        self._saved_step, self._saved_after_validation = trainer.global_step, after_validation
 
     def setup(self, trainer, pl_module, stage):
         # run after every checkpoint callback (Lightning moves those to the end of the list), so that
@@ -203,10 +207,17 @@ class LastCheckpoint(Callback):
         trainer.callbacks = [c for c in trainer.callbacks if c is not self] + [self]
 
     def on_validation_end(self, trainer, pl_module):
-        self.save(trainer)
+        self.save(trainer, after_validation=True)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
+        every = self.every_n_train_steps
+        if not every and not trainer.enable_validation and isinstance(trainer.val_check_interval, int):
+            every = trainer.val_check_interval  # in steps: where a validation would have saved it
+        if every and trainer.global_step % every == 0:
+            self.save(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if not trainer.enable_validation:
             self.save(trainer)
 
     def on_train_end(self, trainer, pl_module):

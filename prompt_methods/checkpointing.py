@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 from pathlib import Path
 
 import torch
@@ -44,6 +45,23 @@ def backbone_fingerprint(backbone) -> str:
 def metadata(module) -> dict:
     return {"version": FORMAT_VERSION, "method": type(module).__name__, "backbone": module.hparams.get("backbone"),
             "fingerprint": module.backbone_fingerprint, "tune_backbone": module.tune_backbone}
+
+
+def rng_state() -> dict:
+    """The torch (CPU and CUDA) and Python random states, in types a weights-only load accepts."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    """Put back :func:`rng_state`'s states (CUDA only where this process has as many devices)."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def trim_state(module, checkpoint: dict) -> None:

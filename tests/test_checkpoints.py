@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from transformers import AutoModelForCausalLM
 
 from prompt_methods.checkpointing import AtomicCheckpointIO, CheckpointError, check_checkpoint_file
@@ -193,3 +194,79 @@ def test_export_config_copies_are_removed_when_a_later_config_is_broken(tmp_path
     with pytest.raises(SystemExit, match="broken.yaml is not valid YAML"):
         train._without_subcommand_keys([f"--config={saved}", "--config", str(broken)])
     assert list(scratch.iterdir()) == []
+
+
+def test_ckpt_path_last_or_best_names_the_file_to_pass(soft_ckpt, tiny, family_files, tmp_path, monkeypatch):
+    """Under the W&B logger a new command is a new run with an empty folder: Lightning's 'last' would
+    find nothing there and train from step 0, and 'best' exists only in the process that ran the fit.
+    Both are refused, naming the newest checkpoint; 'last' with the run's id resumes that run."""
+    import re
+
+    cli, ckpt = soft_ckpt
+    args = ["--config", SOFT, *tiny_args(tiny, family_files["sst2"], tmp_path), "--trainer.max_steps", "4",
+            "--trainer.val_check_interval", "2"]
+    with pytest.raises(SystemExit, match=rf"error: ckpt_path: 'last': this command starts a new run.*newest is {re.escape(str(ckpt))}"):
+        run_cli(args + ["--ckpt_path", "last"], "fit", monkeypatch)
+    with pytest.raises(SystemExit, match=r"error: ckpt_path: 'best' is known only inside the process that ran the fit"):
+        run_cli(args + ["--ckpt_path", "best"], "test", monkeypatch)
+    resumed = run_cli(args + ["--ckpt_path", "last", "--trainer.logger.init_args.id", cli.trainer.logger.version], "fit",
+                      monkeypatch)
+    assert resumed.trainer.ckpt_path == str(ckpt) and resumed.trainer.global_step == 4
+
+
+class CrashAt(Callback):
+    """Stops a fit with an error before a given step: a run killed mid-training."""
+
+    def __init__(self, step: int = 3):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("killed")
+
+
+def test_fit_without_validation_still_writes_last_ckpt(tiny, family_files, tmp_path, monkeypatch):
+    """With validation off, last.ckpt is written where a validation would have run, so a killed run
+    keeps its steps (it used to be written only at the end)."""
+    args = ["--config", SOFT, *tiny_args(tiny, family_files["sst2"], tmp_path), "--trainer.max_steps", "6",
+            "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "0",
+            "--trainer.callbacks+=test_checkpoints.CrashAt"]
+    with pytest.raises(RuntimeError, match="killed"):
+        run_cli(args, "fit", monkeypatch)
+    assert torch.load(next(tmp_path.rglob("last.ckpt")), weights_only=True)["global_step"] == 2
+
+
+def test_last_ckpt_written_at_a_step_that_validates_holds_that_validation(tiny, family_files, tmp_path, monkeypatch):
+    """every_n_train_steps saves at the batch's end, before that step's validation: the checkpoint is
+    written again after it, with the best-checkpoint tracker and the validation loop's state."""
+    own = tmp_path / "own"
+    args = ["--config", SOFT, *tiny_args(tiny, family_files["sst2"], tmp_path), "--trainer.max_steps", "2",
+            "--trainer.val_check_interval", "2", "--trainer.callbacks+=prompt_methods.callbacks.LastCheckpoint",
+            "--trainer.callbacks.every_n_train_steps", "2", "--trainer.callbacks.dirpath", str(own)]
+    cli = run_cli(args, "fit", monkeypatch)
+    state = torch.load(own / "last.ckpt", weights_only=True)
+    tracker = next(v for k, v in state["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    assert tracker["best_model_path"] == cli.trainer.checkpoint_callback.best_model_path != ""
+    assert torch.isfinite(state["state_dict"]["val_score_best.max_value"])
+
+
+def test_resumed_fit_draws_the_same_dropout_masks(tiny, family_files, tmp_path, monkeypatch):
+    """Fine-tuning's head has dropout: a fit killed after step 2 and resumed from its last.ckpt ends
+    with the weights of an uninterrupted fit only if the random state comes back with the checkpoint."""
+    files = family_files["sst2"]
+
+    def args(folder, *extra):
+        return ["--config", "configs/sst2/fine_tuning.yaml", *tiny_args(tiny, files, tmp_path / folder),
+                "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", *extra]
+
+    whole = run_cli(args("whole"), "fit", monkeypatch).model
+    assert any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in whole.modules())
+    with pytest.raises(RuntimeError, match="killed"):
+        run_cli(args("cut", "--trainer.callbacks+=test_checkpoints.CrashAt"), "fit", monkeypatch)
+    last = next((tmp_path / "cut").rglob("last.ckpt"))
+    assert torch.load(last, weights_only=True)["global_step"] == 2
+    resumed = run_cli(args("resumed", "--ckpt_path", str(last)), "fit", monkeypatch).model
+    trained = {n: p for n, p in whole.named_parameters() if p.requires_grad}
+    for name, param in resumed.named_parameters():
+        if name in trained:
+            torch.testing.assert_close(param, trained[name], rtol=0, atol=1e-6, msg=name)

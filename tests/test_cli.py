@@ -94,7 +94,8 @@ def test_fit_then_test_logs_to_wandb_offline(tiny, family_files, tmp_path, monke
     assert len(run_dirs) == 1, "W&B must write an offline run folder"
     records = read_run(next(run_dirs[0].glob("run-*.wandb")))
     logged = {k for rec in records["history"] for k in rec}
-    assert {"train/loss", "val/acc", "params/trainable", "params/total"} <= logged
+    assert {"train/loss", "train/acc", "val/acc", "params/trainable", "params/total"} <= logged
+    assert not {"train/acc_step", "train/acc_epoch"} & logged  # one name, as the README lists it
     trainable = [rec["params/trainable"] for rec in records["history"] if "params/trainable" in rec]
     assert trainable == [20 * 32]  # num_virtual_tokens x hidden size of the tiny llama
     assert set(records["tags"]) >= {"sst2", "soft_prompt"}
