@@ -39,6 +39,8 @@ METHODS = {
     "fine_tuning": ("fine_tuning", "fit", {}),
 }
 PEFT_METHODS = ("soft_prompt", "prefix_tuning", "p_tuning")
+#: ``data.init_args.max_length`` where a config leaves it out (``PromptDataModule``'s default)
+DEFAULT_MAX_LENGTH = 256
 PEFT_KEYS = ("num_virtual_tokens", "lr", "weight_decay", "warmup_ratio", "init", "init_text", "init_seed",
              "init_vocab_ids", "encoder", "encoder_hidden", "reparameterize", "mlp_hidden", "backbone", "precision")
 GRID_KEYS = {"name", "backbone", "tasks", "methods", "peft", "seeds", "budget", "precision", "overrides",
@@ -158,8 +160,11 @@ def cell_config(grid: dict, cell: dict, cell_dir: Path) -> tuple[dict, str]:
         if cell["method"] == "prefix_tuning":  # PEFT's prefix has no text init
             kept = {k: v for k, v in kept.items() if k not in ("init", "init_text")}
         cfg["model"] = {"class_path": "prompt_methods.PeftPeer", "init_args": {"peft_method": cell["method"], **kept}}
-        if data.get("template"):  # PEFT prepends its tokens: drop the template's {soft} slots
+        if data.get("template"):  # PEFT prepends its tokens: drop the template's {soft} slots, and
+            slots = sum(int(n or 1) for n in re.findall(r"\{soft(?::(\d+))?\}", data["template"]))
             data["template"] = re.sub(r"\s*\{soft(:\d+)?\}", "", data["template"]).strip()
+            if slots:  # leave the tokens they held out of the text's budget, as they are out of ours
+                data["max_length"] = data.get("max_length", DEFAULT_MAX_LENGTH) - slots
     trainer = cfg.setdefault("trainer", {})
     trainer.update({
         "max_steps": budget["steps"], "val_check_interval": budget["steps"], "check_val_every_n_epoch": None,

@@ -122,16 +122,17 @@ def markdown(grid: dict, rows: list[dict]) -> str:
         + (f", {budget['few_shot_k']} examples per class" if budget.get("few_shot_k") else "")
         + f", scored on {budget.get('eval_examples', 256)} test examples (each task's `eval_sample`: the first N, "
         f"or N drawn with `split_seed` where its file is grouped); seeds {grid['seeds']}. "
-        f"Score = test metric x 100, mean ± std over seeds; median and worst seed beside it. {len(rows)} runs"
+        f"Score = test metric x 100, mean ± std over the seeds run; median and worst seed beside it. {len(rows)} runs"
         + (f" of the grid's {grid['planned']}." if grid.get("planned", len(rows)) > len(rows) else ".")
         + _provenance(rows) + _machine(rows), "",
-        "| task | method | impl | metric | score | median | worst | trainable | train samples/s | eval samples/s "
+        "| task | method | impl | metric | seeds | score | median | worst | trainable | train samples/s | eval samples/s "
         "| peak MiB | checkpoint |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in sorted(summary, key=lambda s: (s["task"], s["method"], s["impl"])):
+        score = f"{100 * s['value']:.1f}" + (f" ± {100 * s['value_std']:.1f}" if s["seeds"] > 1 else "")  # one seed: no spread
         lines.append(
-            f"| {s['task']} | {s['method']} | {s['impl']} | {s['metric']} | {100 * s['value']:.1f} ± {100 * s['value_std']:.1f} "
+            f"| {s['task']} | {s['method']} | {s['impl']} | {s['metric']} | {s['seeds']} | {score} "
             f"| {100 * s['value_median']:.1f} | {100 * s['value_min']:.1f} | {_params(s['trainable_params'])} "
             f"| {s['train_samples_per_s']:.2f} | {s['eval_samples_per_s']:.2f} "
             f"| {s['peak_mem_mb']:.0f} | {_size(s['checkpoint_bytes'])} |"

@@ -94,6 +94,7 @@ def timed(fn, steps: int) -> float:
 def row(task: str, method: str, setup: str, attn: str, compile_layers: bool, batch: dict, train_s: float,
         forward_s: float, **extra) -> dict:
     size = len(batch["ids"])
+    attn = "sdpa" if setup == "peft" else attn  # the peer runs what from_pretrained gives (build)
     return {"task": task, "method": method, "setup": setup, "attn": attn, "compile": compile_layers, "batch": size,
             "seq_len": int(batch["input_ids"].shape[1]), **extra,
             "train_s": round(train_s, 4), "train_samples_per_s": round(size / train_s, 2),

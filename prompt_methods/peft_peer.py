@@ -47,8 +47,13 @@ def peft_config(method: str, num_virtual_tokens: int, init: str, init_text: str 
         kind = {"lstm": "LSTM", "mlp": "MLP"}.get(encoder)
         if kind is None:
             raise ValueError(f"model.init_args.encoder: '{encoder}' is not lstm or mlp")
+        # PEFT's encoder_hidden_size is the width of each LSTM direction (its MLP head is twice as
+        # wide); promptlit's encoder_hidden is both directions together: half of it builds the same
+        # encoder (2-layer bidirectional LSTM of E/2 per direction, then E -> E -> hidden). PEFT's MLP
+        # encoder has one hidden layer more than promptlit's (input -> E -> E -> hidden)
+        width = encoder_hidden // 2 if kind == "LSTM" else encoder_hidden
         return peft.PromptEncoderConfig(task_type=task, num_virtual_tokens=num_virtual_tokens,
-                                        encoder_reparameterization_type=kind, encoder_hidden_size=encoder_hidden)
+                                        encoder_reparameterization_type=kind, encoder_hidden_size=width)
     raise ValueError(f"model.init_args.peft_method: '{method}' is not one of {', '.join(PEER_METHODS)}")
 
 

@@ -190,14 +190,15 @@ def test_table_shows_median_and_worst_seed():
     ours = next(s for s in summarize(rows) if s["impl"] == "promptlit")
     assert ours["value_median"] == 0.82 and ours["value_min"] == 0.66
     md = markdown({"name": "t", "seeds": [1, 2, 3], "budget": {"steps": 10}}, rows)
-    assert "| sst2 | soft_prompt | promptlit | acc | 77.3 ± 9.9 | 82.0 | 66.0 |" in md
-    assert "| sst2 | soft_prompt | peft | acc | 84.3 ± 1.5 | 84.0 | 83.0 |" in md
+    assert "| sst2 | soft_prompt | promptlit | acc | 3 | 77.3 ± 9.9 | 82.0 | 66.0 |" in md
+    assert "| sst2 | soft_prompt | peft | acc | 3 | 84.3 ± 1.5 | 84.0 | 83.0 |" in md
     assert "| 1.50x | 1.00x | 1.00x | -7.0 | -2.0 |" in md  # mean diff, then median diff
     assert "| peak MiB | checkpoint |" in md and "| 500 | 4.0 KiB |" in md  # sizes in units of 1024 bytes
     assert "| sst2 | soft_prompt | 3 | 1.50x |" in md
     # PEFT ran seed 1 only (an interrupted grid): the comparison pairs that seed, not three seeds against one
     md = markdown({"name": "t", "seeds": [1, 2, 3], "budget": {"steps": 10}}, rows[:3] + rows[3:4])
     assert "| sst2 | soft_prompt | 1 | 1.50x | 1.00x | 1.00x | +1.0 | +1.0 |" in md
+    assert "| sst2 | soft_prompt | peft | acc | 1 | 83.0 | 83.0 | 83.0 |" in md  # one seed has no ± (it is not 0.0)
 
 
 def test_report_reads_back_its_own_results_json(tmp_path):
@@ -276,3 +277,24 @@ def test_failed_cells_make_the_command_fail(grid_file, tmp_path):
     with pytest.raises(SystemExit, match=r"error: 1 of 1 cell\(s\) failed: sst2-zero_shot-promptlit-s1"):
         benchmark.main(["--config", str(grid_file)])
     assert (Path(grid["out"]) / "table.md").is_file()
+
+
+def test_p_tuning_peer_config_keeps_the_text_budget(tmp_path):
+    """The peer's template loses its {soft} slots (PEFT prepends its tokens outside max_length), so its
+    max_length loses them too: both sides read the same input text."""
+    import inspect
+
+    from datamodules.base import PromptDataModule
+
+    assert benchmark.DEFAULT_MAX_LENGTH == inspect.signature(PromptDataModule.__init__).parameters["max_length"].default
+    grid = {"name": "x", "budget": {"steps": 1}}
+    cell = lambda method, impl: {"task": "boolq", "method": method, "impl": impl, "seed": 1,  # noqa: E731
+                                 "key": benchmark.cell_key("boolq", method, impl, 1)}
+    ours, _ = benchmark.cell_config(grid, cell("p_tuning", "promptlit"), tmp_path)
+    peer, _ = benchmark.cell_config(grid, cell("p_tuning", "peft"), tmp_path)
+    template = ours["data"]["init_args"]["template"]
+    assert "{soft" in template and "{soft" not in peer["data"]["init_args"]["template"]
+    ours_length = ours["data"]["init_args"].get("max_length", benchmark.DEFAULT_MAX_LENGTH)
+    assert peer["data"]["init_args"]["max_length"] == ours_length - 6 == ours_length - ours["model"]["init_args"]["num_virtual_tokens"]
+    soft, _ = benchmark.cell_config(grid, cell("soft_prompt", "peft"), tmp_path)
+    assert "max_length" not in soft["data"]["init_args"]  # no slots: its prompt is outside max_length on both sides

@@ -169,3 +169,18 @@ def test_export_into_a_file_new_folder_or_earlier_export(tiny, tmp_path):
     back = SoftPrompt(backbone=path, verbalizer=VERB, adapter=str(out))
     torch.testing.assert_close(back.prompt.detach(), other.prompt.detach().float())
     assert sorted(p.name for p in (tmp_path / "nested").iterdir()) == ["adapter"]  # no staging folder left
+
+
+def test_peft_p_tuning_peer_builds_the_same_encoder(tiny):
+    """PEFT's encoder_hidden_size is per LSTM direction: the peer must get half of promptlit's
+    encoder_hidden, or its encoder is about three times as large (it was, in the recorded table)."""
+    from prompt_methods import PTuning
+    from prompt_methods.peft_peer import PeftPeer
+
+    path = tiny("llama")
+    ours = PTuning(backbone=path, verbalizer=VERB, num_virtual_tokens=4, encoder_hidden=16)
+    peer = PeftPeer(backbone=path, verbalizer=VERB, peft_method="p_tuning", num_virtual_tokens=4, encoder_hidden=16)
+    ours.configure_trainable()
+    peer.configure_trainable()
+    shapes = lambda m: sorted(tuple(p.shape) for p in m.parameters() if p.requires_grad)  # noqa: E731
+    assert shapes(peer) == shapes(ours)
