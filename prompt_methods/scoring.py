@@ -29,15 +29,16 @@ def log_epoch_metric(module: L.LightningModule, split: str, outputs: list[tuple]
         score = torch.tensor(values.get("f1", next(iter(values.values()))))
         module.log(f"{split}/score", score)
         return score
-    if module.metric == "accuracy" or not outputs:
+    preds = torch.cat([p for p, _ in outputs]).tolist() if outputs else []
+    golds = torch.cat([g for _, g in outputs]).tolist() if outputs else []
+    if module.metric != "accuracy" and module.trainer.world_size > 1:  # every process gathers, an empty share
+        gathered = [None] * module.trainer.world_size  # too (shares differ by up to one example: EvalSampler)
+        torch.distributed.all_gather_object(gathered, (preds, golds))
+        preds, golds = [p for ps, _ in gathered for p in ps], [g for _, gs in gathered for g in gs]
+    if module.metric == "accuracy" or not preds:
         score = module.metrics[f"{split}_acc"].compute()
         module.log(f"{split}/score", score)
         return score
-    preds, golds = torch.cat([p for p, _ in outputs]).tolist(), torch.cat([g for _, g in outputs]).tolist()
-    if module.trainer.world_size > 1:  # shares differ by up to one example (EvalSampler): gathered as objects
-        gathered = [None] * module.trainer.world_size
-        torch.distributed.all_gather_object(gathered, (preds, golds))
-        preds, golds = [p for ps, _ in gathered for p in ps], [g for _, gs in gathered for g in gs]
     values = METRICS[module.metric]([module.labels[i] for i in preds], [module.labels[i] for i in golds])
     for name, value in values.items():
         if name != "acc":

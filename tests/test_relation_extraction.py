@@ -95,3 +95,26 @@ def test_semeval_matches_official_scorer(noise, data_dir, tmp_path):
                          capture_output=True, text=True, check=True).stdout
     official = float(re.search(r"macro-averaged F1 = ([\d.]+)%", out).group(1))
     assert round(100 * semeval_f1(preds, golds)["macro_f1"], 2) == official
+
+
+def test_a_process_with_no_predictions_still_joins_the_gather(monkeypatch):
+    """Under DDP every process must take part in gathering a macro-F1 epoch's predictions, also one
+    whose share came out empty; otherwise the others wait for it forever."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from prompt_methods import scoring
+
+    calls = []
+
+    def gather(out, mine):
+        calls.append(mine)
+        out[:] = [mine, ([1, 0], [1, 1])]  # the other process's predictions and golds
+
+    monkeypatch.setattr(torch.distributed, "all_gather_object", gather)
+    logged = {}
+    module = SimpleNamespace(text_answers=False, metric="semeval_f1", trainer=SimpleNamespace(world_size=2),
+                             labels=["Other", "Cause-Effect(e1,e2)"], log=lambda k, v, **kw: logged.__setitem__(k, v))
+    scoring.log_epoch_metric(module, "val", [])
+    assert calls == [([], [])] and "val/score" in logged
