@@ -88,13 +88,11 @@ def load_grid(path: str) -> dict:
     budget = grid["budget"] = grid.get("budget") or {}
     if set(budget) - BUDGET_KEYS:
         raise GridError(f"{path}: unknown budget key(s) {sorted(set(budget) - BUDGET_KEYS)}; known: {sorted(BUDGET_KEYS)}")
-    for key in sorted(budget):
-        value = budget[key]
-        if key == "steps" or value is not None:  # steps is required; the others may be left null
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise GridError(f"{path}: budget.{key} must be a positive integer, not {value!r}")
     if "steps" not in budget:
         raise GridError(f"{path}: budget.steps must be a positive integer")
+    for key, value in sorted(budget.items()):  # steps is required; the others may be left null
+        if (key == "steps" or value is not None) and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise GridError(f"{path}: budget.{key} must be a positive integer, not {value!r}")
     configs = ROOT / grid.get("configs", "configs")
     for task in grid["tasks"]:
         for method in grid["methods"]:
@@ -401,7 +399,7 @@ def run_grid(grid: dict, log=print, only: dict | None = None) -> list[dict]:
         times.append(time.perf_counter() - t0)
         if not row_path.is_file():
             failed.append(cell["key"])
-        if row_path.is_file():
+        else:
             row = json.loads(row_path.read_text())
             log(f"  {row['metric']} {row['value']:.4f}, {row['train_samples_per_s']:.2f} train samples/s, "
                 f"{row['peak_mem_mb']:.0f} MiB peak, {row['wall_s']:.0f} s")

@@ -125,14 +125,13 @@ def resolve_named_checkpoint(name: str, cfg) -> str:
     if "WandbLogger" not in str(class_path):  # no logger (checkpoints in <default_root_dir>/checkpoints), or
         return name  # one that numbers its runs: Lightning's own lookup
     args = (logger.get("init_args") if isinstance(logger, dict) else getattr(logger, "init_args", None)) or {}
-    save_dir, project = Path(args.get("save_dir") or "outputs"), args.get("project") or "promptlit"
+    runs = Path(args.get("save_dir") or "outputs") / str(args.get("project") or "promptlit")  # one folder per run id
     run = args.get("id") or args.get("version")
-    if name == "last" and run and (save_dir / str(project) / str(run) / "checkpoints" / "last.ckpt").is_file():
-        return str(save_dir / str(project) / str(run) / "checkpoints" / "last.ckpt")
-    pattern = "last.ckpt" if name == "last" else "*.ckpt"
-    found = sorted((p for p in (save_dir / str(project)).glob(f"*/checkpoints/{pattern}") if p.name != "last.ckpt" or name == "last"),
+    if name == "last" and run and (runs / str(run) / "checkpoints" / "last.ckpt").is_file():
+        return str(runs / str(run) / "checkpoints" / "last.ckpt")
+    found = sorted((p for p in runs.glob("*/checkpoints/*.ckpt") if (p.name == "last.ckpt") == (name == "last")),
                    key=lambda p: p.stat().st_mtime)
-    hint = f"; the newest is {found[-1]}" if found else f"; none found under {save_dir / str(project)}"
+    hint = f"; the newest is {found[-1]}" if found else f"; none found under {runs}"
     if name == "best":
         message = "ckpt_path: 'best' is known only inside the process that ran the fit"
     elif run:
