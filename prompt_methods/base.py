@@ -20,7 +20,7 @@ from prompt_methods.backbone import BackboneError, load_backbone, load_tokenizer
 from prompt_methods.checkpointing import backbone_fingerprint, check_compatible, restore_rng, rng_state, trim_state
 from prompt_methods.generation import Generator
 from prompt_methods.feeding import Feeding
-from prompt_methods.optim import adamw_with_schedule, count_params, freeze_except
+from prompt_methods.optim import adamw_with_schedule, check_trainable, count_params, freeze_except
 from prompt_methods.span import SpanHead
 from prompt_methods.readout import ClassificationHead, build_readout
 from prompt_methods.scoring import log_epoch_metric
@@ -179,6 +179,8 @@ class PromptModule(Feeding, L.LightningModule):
     # ------------------------------------------------------------------ loop
     def setup(self, stage: str) -> None:
         self.configure_trainable()
+        if stage == "fit":  # whichever optimizer comes (this module's, or LightningCLI's --optimizer)
+            check_trainable(self)
         precision = str(getattr(self.trainer, "precision", "32")) if self._trainer is not None else "32"
         dtype = runtime.backbone_dtype(self.backbone_dtype, precision, self.tune_backbone)
         self.cast_backbone(dtype)

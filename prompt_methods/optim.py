@@ -19,20 +19,25 @@ def count_params(module: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def adamw_with_schedule(module: nn.Module, lr: float, weight_decay: float, warmup_ratio: float, total_steps: int) -> dict:
-    """Lightning's ``configure_optimizers`` answer for ``module``: matrices decay, vectors and norms do not.
-
-    Raises ``ValueError`` when nothing trains (a frozen backbone and a method without parameters).
-    """
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    if not decay and not no_decay:
+def check_trainable(module: nn.Module) -> None:
+    """Refuse to fit a module with nothing to train (a frozen backbone and a method without parameters)."""
+    if not any(p.requires_grad for p in module.parameters()):
         raise ValueError(
             f"{type(module).__name__} has nothing to train with a frozen backbone: run `validate`/`test` for "
             "zero-shot, or set model.init_args.tune_backbone: true"
         )
+
+
+def adamw_with_schedule(module: nn.Module, lr: float, weight_decay: float, warmup_ratio: float, total_steps: int) -> dict:
+    """Lightning's ``configure_optimizers`` answer for ``module``: matrices decay, vectors and norms do not.
+
+    Raises ``ValueError`` when nothing trains (:func:`check_trainable`).
+    """
+    check_trainable(module)
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
     total = max(1, int(total_steps))

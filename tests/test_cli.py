@@ -137,8 +137,11 @@ def test_predict_writes_ids_and_labels(tiny, family_files, tmp_path, monkeypatch
     assert all(r["pred"] in ("0", "1") and abs(sum(r["probs"].values()) - 1) < 1e-4 for r in rows)
 
 
-def test_frozen_hard_prompt_fit_is_a_clear_error(tiny, family_files, tmp_path, monkeypatch):
-    args = ["--config", "configs/sst2/hard_prompt.yaml", *tiny_args(tiny, family_files["sst2"], tmp_path), "--trainer.fast_dev_run", "true"]
+@pytest.mark.parametrize("extra", [[], ["--optimizer", "torch.optim.SGD", "--optimizer.lr", "0.1"]])
+def test_frozen_hard_prompt_fit_is_a_clear_error(extra, tiny, family_files, tmp_path, monkeypatch):
+    """Also when the optimizer comes from the command line, which replaces the method's own."""
+    args = ["--config", "configs/sst2/hard_prompt.yaml", *tiny_args(tiny, family_files["sst2"], tmp_path), "--trainer.fast_dev_run",
+            "true", *extra]
     with pytest.raises(ValueError, match="tune_backbone: true"):
         run_cli(args, "fit", monkeypatch)
 
@@ -170,3 +173,27 @@ def test_prompt_checkpoint_is_small_and_reloads(tiny, family_files, tmp_path, mo
                       "--ckpt_path", str(ckpt)], "test", monkeypatch)
     torch.testing.assert_close(tested.model.prompt.detach(), trained)
     assert "test/acc" in tested.trainer.callback_metrics
+
+
+def test_optimizer_from_the_command_line_trains_the_prompt_only(tiny, family_files, tmp_path, monkeypatch):
+    """LightningCLI's --optimizer and --lr_scheduler replace the method's AdamW and schedule: the prompt
+    trains with them, the frozen backbone stays as it was."""
+    import torch
+
+    monkeypatch.chdir(ROOT)
+    args = ["--config", "configs/sst2/soft_prompt.yaml", *tiny_args(tiny, family_files["sst2"], tmp_path),
+            "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
+            "--optimizer", "torch.optim.SGD", "--optimizer.lr", "0.5", "--optimizer.momentum", "0.9",
+            "--lr_scheduler", "torch.optim.lr_scheduler.StepLR", "--lr_scheduler.step_size", "1", "--lr_scheduler.gamma", "0.5"]
+    cli = train._cli(args, run=False)
+    model = cli.model
+    prompt = model.prompt.detach().clone()
+    backbone = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    cli.trainer.fit(model, datamodule=cli.datamodule)
+    optimizer = cli.trainer.optimizers[0]
+    assert isinstance(optimizer, torch.optim.SGD) and "momentum_buffer" in optimizer.state[model.prompt]
+    assert isinstance(cli.trainer.lr_scheduler_configs[0].scheduler, torch.optim.lr_scheduler.StepLR)
+    assert optimizer.param_groups[0]["lr"] < 0.5  # the scheduler stepped
+    assert not torch.equal(model.prompt.detach(), prompt)
+    for key, value in model.backbone.state_dict().items():
+        assert torch.equal(value, backbone[key]), key
