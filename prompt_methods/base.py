@@ -26,6 +26,9 @@ from prompt_methods.readout import ClassificationHead, build_readout
 from prompt_methods.scoring import log_epoch_metric
 from tasks.metrics import METRICS
 
+#: the longest answer of a module built outside a trainer, with ``max_new_tokens`` unset
+ANSWER_TOKENS = 24
+
 
 class PromptModule(Feeding, L.LightningModule):
     """Base of every method.
@@ -49,7 +52,9 @@ class PromptModule(Feeding, L.LightningModule):
         attn_implementation: ``auto`` (``grouped`` for decoder-only backbones on CPU, else eager there;
             sdpa on GPU), ``grouped``, ``eager`` or ``sdpa``.
         trust_remote_code: allow model code from the hub; off unless set.
-        max_new_tokens: the longest generated answer (tasks with text answers).
+        max_new_tokens: the longest answer generated (or extracted as a span), in tokens, for tasks with
+            text answers; unset: the task's ``max_answer_tokens``, which also cuts the training targets
+            (24 for a module built outside a trainer).
         compile: ``torch.compile`` each transformer layer (regional, dynamic shapes) at setup. Pays off
             on long runs only: the first steps wait for the compile (``benchmarks/step_speed.py --compile``).
         residual_dtype: under autocast (``bf16-mixed``) with a 16-bit backbone, the dtype of the hidden
@@ -83,7 +88,7 @@ class PromptModule(Feeding, L.LightningModule):
         backbone_dtype: str = "auto",
         attn_implementation: str = "auto",
         trust_remote_code: bool = False,
-        max_new_tokens: int = 24,
+        max_new_tokens: int | None = None,
         compile: bool = False,
         share_prompt: bool = True,
         residual_dtype: str = "float32",
@@ -92,7 +97,8 @@ class PromptModule(Feeding, L.LightningModule):
         self.save_hyperparameters(ignore=["verbalizer", "labels"])
         for key, value, ok, need in (("lr", lr, lr > 0, "above 0"), ("weight_decay", weight_decay, weight_decay >= 0, "0 or more"),
                                      ("warmup_ratio", warmup_ratio, 0 <= warmup_ratio < 1, "in [0, 1)"),
-                                     ("max_new_tokens", max_new_tokens, max_new_tokens >= 1, "at least 1")):
+                                     ("max_new_tokens", max_new_tokens, max_new_tokens is None or max_new_tokens >= 1,
+                                      "at least 1")):
             if not ok:
                 raise ValueError(f"model.init_args.{key}: {value} must be {need}")
         self.tune_backbone, self.lr, self.weight_decay, self.warmup_ratio = tune_backbone, lr, weight_decay, warmup_ratio
@@ -117,9 +123,10 @@ class PromptModule(Feeding, L.LightningModule):
             if readout == "generate":
                 head = self.backbone.get_output_embeddings()
                 vocab_size = max(self.backbone.get_input_embeddings().num_embeddings, getattr(head, "out_features", 0))
-                self.readout = Generator(self.kind, self.tokenizer.eos_token_id, max_new_tokens, self.tokenizer, vocab_size)
+                self.readout = Generator(self.kind, self.tokenizer.eos_token_id, max_new_tokens or ANSWER_TOKENS,
+                                         self.tokenizer, vocab_size)
             elif readout == "span":
-                self.readout = SpanHead(self.hidden_size, max_new_tokens)
+                self.readout = SpanHead(self.hidden_size, max_new_tokens or ANSWER_TOKENS)
             else:
                 self.readout = build_readout(readout, self.kind, self.backbone, verbalizer, length_norm, info)
         except ValueError as err:
@@ -179,6 +186,7 @@ class PromptModule(Feeding, L.LightningModule):
     # ------------------------------------------------------------------ loop
     def setup(self, stage: str) -> None:
         self.configure_trainable()
+        self._follow_answer_length()
         if stage == "fit":  # whichever optimizer comes (this module's, or LightningCLI's --optimizer)
             check_trainable(self)
         precision = str(getattr(self.trainer, "precision", "32")) if self._trainer is not None else "32"
@@ -190,6 +198,16 @@ class PromptModule(Feeding, L.LightningModule):
             self.backbone.set_attn_implementation(runtime.attention(self.attn_implementation, device, self.kind))
         if self.compile_layers and not self._compiled:
             self._compiled = runtime.compile_blocks(self.backbone, attention=self.compile_attention)
+
+    def _follow_answer_length(self) -> None:
+        """Unless ``max_new_tokens`` is set, answers may be as long as the task's training targets."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        length = getattr(datamodule, "max_answer_tokens", None)
+        if self.hparams.max_new_tokens is None and length:
+            if isinstance(self.readout, Generator):
+                self.readout.max_new_tokens = length
+            elif isinstance(self.readout, SpanHead):
+                self.readout.max_answer_tokens = length
 
     def cast_backbone(self, dtype: torch.dtype) -> None:
         """Store the backbone's weights in ``dtype``; its rotary frequencies stay fp32."""

@@ -162,6 +162,29 @@ def test_generative_loss_falls(tiny, squad_file):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
+@pytest.mark.parametrize("arch", ["llama", "bert"])  # generated answers, extracted spans
+@pytest.mark.parametrize("max_new_tokens", [None, 2])
+def test_answer_length_follows_the_task_unless_set(arch, max_new_tokens, tiny, squad_file):
+    """Unset, ``max_new_tokens`` is the task's ``max_answer_tokens`` (which cuts the training targets)
+    once the module runs with the data module; set, it wins."""
+    import lightning as L
+
+    dm = make_qa(tiny(arch), squad_file)
+    dm.spec.max_answer_tokens = 5
+    model = SoftPrompt(backbone=tiny(arch), verbalizer=dm.verbalizer, num_virtual_tokens=2, max_new_tokens=max_new_tokens)
+    limit = "max_new_tokens" if arch == "llama" else "max_answer_tokens"
+    assert getattr(model.readout, limit) == (max_new_tokens or 24)
+    model.head_trained = True  # the span head: as if loaded from a fitted run
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, limit_predict_batches=1)
+    trainer.predict(model, datamodule=dm)
+    assert getattr(model.readout, limit) == (max_new_tokens or 5)
+    if arch == "llama":
+        batch = next(iter(dm.test_dataloader()))
+        with torch.no_grad():
+            answers = model.readout.generate(model.backbone, model.feed(batch))
+        assert 0 < max(len(a) for a in answers) <= (max_new_tokens or 5)
+
+
 def test_generation_needs_a_decoder(tiny):
     from prompt_methods import SoftPrompt
     from prompt_methods.backbone import BackboneError
