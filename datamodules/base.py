@@ -140,7 +140,7 @@ class PromptDataModule(L.LightningDataModule):
             raise DataError(f"data.init_args.label_words: no words for label(s) {missing}")
         self.tokenizer = load_tokenizer(backbone, trust_remote_code)
         self.kind = resolve_kind(backbone, backbone_kind, trust_remote_code)
-        self.verbalizer = tokenize_label_words(self.tokenizer, self.template, self.labels, self.spec.label_words)
+        self.verbalizer = tokenize_label_words(self.tokenizer, self.template, self.labels, self.spec.label_words, self.kind)
         mask_tokens = max((len(w) for words in self.verbalizer for w in words), default=1)
         self.encoder = TemplateTokenizer(self.tokenizer, self.template, self.kind, max_length, mask_tokens)
         self.datasets: dict[str, list[dict]] = {}

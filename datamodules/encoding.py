@@ -11,6 +11,10 @@ The answer slot is rendered by backbone kind:
 Learnable slots get the pad id as a placeholder and their slot number in ``soft_index``
 (-1 elsewhere). Only input fields are truncated, longest first; template text, slots and special
 tokens are never cut.
+
+Pieces are tokenized one by one, each as it reads inside the prompt (:class:`PieceTokenizer`):
+a SentencePiece-style tokenizer marks the start of every text it is given as a word start, so
+``"? Answer:"`` alone gets a stray ``▁`` that the whole prompt would not have.
 """
 
 from __future__ import annotations
@@ -29,6 +33,57 @@ class Encoded:
     answer_pos: int
     #: for ``offsets_field``: sequence position -> (char start, char end) in that field's original text
     offsets: dict[int, tuple[int, int]] | None = None
+
+
+#: text put before a piece to tokenize it as it reads after other text (then its tokens are dropped)
+ANCHOR = "a"
+#: pieces whose tokens differ alone and after text when a tokenizer marks word starts (``▁?`` vs ``?``)
+PROBES = ("?", " a", ".")
+
+
+class PieceTokenizer:
+    """Token ids of a piece of a prompt, as the piece reads after other text.
+
+    Byte-level BPE and WordPiece tokenize a piece alone as they do inside a longer text. A tokenizer
+    that prepends a word-start mark to each text it is given (SentencePiece's dummy prefix: Llama-2,
+    Mistral, T5 with transformers' Metaspace pre-tokenizer) gives a piece that follows text without a
+    space (``"{question}? Answer:"``) a stray ``▁`` token. For such a tokenizer (found by
+    :data:`PROBES`), a piece that does not start the prompt is tokenized after :data:`ANCHOR`, whose
+    tokens are then dropped; where the piece would merge into the anchor's tokens, alone.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.tokenizer = tokenizer
+        self.anchor = self.plain(ANCHOR)
+        self.anchored = bool(self.anchor) and any(self._after(p) not in (None, self.plain(p)) for p in PROBES)
+
+    def plain(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _after(self, text: str, offsets: bool = False):
+        enc = self.tokenizer(ANCHOR + text, add_special_tokens=False, return_offsets_mapping=offsets)
+        n = len(self.anchor)
+        if enc["input_ids"][:n] != self.anchor:
+            return None
+        if not offsets:
+            return enc["input_ids"][n:]
+        shift = len(ANCHOR)
+        return enc["input_ids"][n:], [(max(0, a - shift), max(0, b - shift)) for a, b in enc["offset_mapping"][n:]]
+
+    def __call__(self, text: str, first: bool = False) -> list[int]:
+        """The ids of ``text``; ``first``: it starts the prompt (or the decoder's answer), as tokenized alone."""
+        if first or not self.anchored or not text:
+            return self.plain(text)
+        ids = self._after(text)
+        return self.plain(text) if ids is None else ids
+
+    def with_offsets(self, text: str, first: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+        """The ids of ``text`` and each token's character span in it."""
+        got = None if first or not self.anchored else self._after(text, offsets=True)
+        if got is None:
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            got = enc["input_ids"], list(enc["offset_mapping"])
+        return got
 
 
 def special_affixes(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
@@ -60,7 +115,9 @@ class TemplateTokenizer:
             self.suffix = []  # nothing may follow the answer position
             self._refuse_input_after_mask()
         self.mask_ids = self._mask_ids(mask_tokens)
-        self._text_ids = {id(p): self._tok(p.text) for p in template.pieces if isinstance(p, Text)}
+        self.pieces = PieceTokenizer(tokenizer)
+        pieces = template.pieces
+        self._text_ids = {id(p): self.pieces(p.text, first=p is pieces[0]) for p in pieces if isinstance(p, Text)}
         fixed = len(self.prefix) + len(self.suffix) + sum(self._fixed_len(p) for p in self._pieces())
         if fixed >= max_length:
             raise TemplateError(
@@ -81,9 +138,6 @@ class TemplateTokenizer:
                 f"{self.template.key}: {', '.join(lost)} after {{mask}} in {self.template.source!r}: a causal LM reads the "
                 f"answer at {{mask}} and never sees what follows it; move {'them' if len(lost) > 1 else 'it'} before {{mask}}"
             )
-
-    def _tok(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _mask_ids(self, count: int) -> list[int]:
         if self.kind == "causal":
@@ -126,12 +180,11 @@ class TemplateTokenizer:
                 raw = "" if example.get(piece.name) is None else str(example[piece.name])
                 value = raw.strip()
                 if piece.name == offsets_field and value:
-                    enc = self.tokenizer(piece.space + value, add_special_tokens=False, return_offsets_mapping=True)
+                    ids[index], spans = self.pieces.with_offsets(piece.space + value, first=index == 0)
                     shift = len(raw) - len(raw.lstrip()) - len(piece.space)
-                    ids[index] = enc["input_ids"]
-                    offsets[index] = [(a + shift, b + shift) for a, b in enc["offset_mapping"]]
+                    offsets[index] = [(a + shift, b + shift) for a, b in spans]
                     continue
-                ids[index] = self._tok(piece.space + value) if value else []
+                ids[index] = self.pieces(piece.space + value, first=index == 0) if value else []
         total = sum(len(v) for v in ids.values())
         while total > self.budget:
             longest = max(ids, key=lambda k: len(ids[k]))
@@ -196,7 +249,7 @@ def generation_target(tokenizer: PreTrainedTokenizerBase, answer: str, space: st
     """Token ids a generated answer is trained on: the answer (after ``space``, as it follows the
     prompt), cut to ``max_tokens - 1`` tokens, then the end token. A T5-style seq2seq decoder fills
     the input's ``<extra_id_0>`` as in pretraining: ``<extra_id_0> answer <extra_id_1>``, then the end."""
-    ids = tokenizer(space + answer.strip(), add_special_tokens=False)["input_ids"]
+    ids = PieceTokenizer(tokenizer)(space + answer.strip(), first=kind == "seq2seq")  # a causal answer follows the prompt
     marks = sentinels(tokenizer) if kind == "seq2seq" else None
     if marks:
         return [marks[0]] + ids[: max(1, max_tokens - 3)] + [marks[1], tokenizer.eos_token_id]
@@ -204,15 +257,17 @@ def generation_target(tokenizer: PreTrainedTokenizerBase, answer: str, space: st
 
 
 def tokenize_label_words(tokenizer: PreTrainedTokenizerBase, template: Template, labels: list[str],
-                         label_words: dict[str, list[str]]) -> list[list[list[int]]]:
+                         label_words: dict[str, list[str]], kind: str = "causal") -> list[list[list[int]]]:
     """Token ids of every word of every label (in ``labels`` order), tokenized as they follow the
-    template's ``{mask}`` (with its leading space, if any)."""
+    template's ``{mask}`` (with its leading space, if any): after the prompt, or at the start of a
+    seq2seq decoder's answer."""
     space = TemplateTokenizer.mask_space(template)
+    pieces = PieceTokenizer(tokenizer)
     out = []
     for label in labels:
         words = []
         for word in label_words[label]:
-            ids = tokenizer(space + word.strip(), add_special_tokens=False)["input_ids"]
+            ids = pieces(space + word.strip(), first=kind == "seq2seq")
             if not ids:
                 raise TemplateError(f"data.init_args.label_words: word {word!r} of label {label!r} tokenizes to nothing")
             words.append(ids)

@@ -55,6 +55,27 @@ def _t5_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
+def _sentencepiece_style_tokenizer():
+    """A Llama-2/Mistral-style tokenizer: transformers' ``LlamaTokenizer`` (a Metaspace pre-tokenizer that
+    marks the start of each text with ``▁``, byte fallback) over a BPE vocabulary trained on the spot."""
+    import json
+
+    from transformers import LlamaTokenizer
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(CORPUS * 20, trainers.BpeTrainer(vocab_size=700, special_tokens=["<unk>", "<s>", "</s>", "<pad>", *byte_tokens]))
+    model = json.loads(tok.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return LlamaTokenizer(vocab=model["vocab"], merges=merges, pad_token="<pad>")
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_tokenizer():
+    return _sentencepiece_style_tokenizer()
+
+
 def build_tiny(kind: str, path) -> str:
     torch.manual_seed(0)
     tok = _wordpiece_tokenizer() if kind == "bert" else _t5_tokenizer() if kind == "t5" else _bpe_tokenizer()

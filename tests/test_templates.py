@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from datamodules.encoding import TemplateTokenizer
+from datamodules.encoding import PieceTokenizer, TemplateTokenizer, answer_span, generation_target, tokenize_label_words
 from datamodules.readers import DataError
 from tasks.template import Field, Mask, Soft, Template, TemplateError, Text
 
@@ -162,3 +162,59 @@ def test_tokenizer_without_pad_token(tmp_path, tiny, make_data):
     batch = next(iter(dm.train_dataloader()))
     assert dm.tokenizer.pad_token_id is not None
     assert batch["input_ids"].shape[0] == 6
+
+
+PROMPTS = [  # template, row: pieces that follow text with and without a space, a line break, a field first
+    ("{passage} Question: {question}? Answer: {mask}", {"passage": "the film was great.", "question": "was it good"}),
+    ("Review: {sentence} Sentiment: {mask}", {"sentence": "a great movie, fine acting"}),
+    ("Question: {question}\nAnswer type:{mask}", {"question": "Who wrote the book?"}),
+]
+
+
+def tokenizers_by_name(name, tiny, sentencepiece_tokenizer):
+    from transformers import AutoTokenizer
+
+    return sentencepiece_tokenizer if name == "sentencepiece" else AutoTokenizer.from_pretrained(tiny(name))
+
+
+@pytest.mark.parametrize("name", ["llama", "sentencepiece"])  # byte-level BPE; a tokenizer that marks word starts
+@pytest.mark.parametrize("source,row", PROMPTS)
+def test_pieces_tokenize_as_the_whole_prompt(name, source, row, tiny, sentencepiece_tokenizer):
+    """A prompt tokenized piece by piece, its label words and its answer equal the tokens of the whole
+    text: a SentencePiece-style tokenizer would give "? Answer:" alone a stray word-start token."""
+    tok = tokenizers_by_name(name, tiny, sentencepiece_tokenizer)
+    template = Template.parse(source, list(row))
+    enc = TemplateTokenizer(tok, template, "causal", max_length=128)
+    prompt = source.split("{mask}")[0].rstrip(" ").format(**row)
+    space = TemplateTokenizer.mask_space(template)
+    whole = tok(prompt, add_special_tokens=False)["input_ids"]
+    assert enc.encode(row).input_ids == enc.prefix + whole
+    words = {"0": ["positive"], "1": ["great movie"]}
+    for (word,), ids in zip(words.values(), tokenize_label_words(tok, template, ["0", "1"], words)):
+        assert whole + ids[0] == tok(prompt + space + word, add_special_tokens=False)["input_ids"]
+    target = generation_target(tok, "the acting", space, max_tokens=16)
+    assert whole + target[:-1] == tok(prompt + space + "the acting", add_special_tokens=False)["input_ids"]
+
+
+def test_only_word_start_tokenizers_tokenize_pieces_after_an_anchor(tiny, sentencepiece_tokenizer):
+    from transformers import AutoTokenizer
+
+    assert PieceTokenizer(sentencepiece_tokenizer).anchored
+    assert sentencepiece_tokenizer.convert_ids_to_tokens(PieceTokenizer(sentencepiece_tokenizer).plain("?"))[0] == "▁"
+    for arch in ("llama", "bert"):  # byte-level BPE and WordPiece tokenize a piece alone as inside a text
+        assert not PieceTokenizer(AutoTokenizer.from_pretrained(tiny(arch))).anchored
+
+
+def test_span_offsets_with_a_word_start_tokenizer(sentencepiece_tokenizer):
+    """Character offsets of a field tokenized after the anchor still point into the field's own text."""
+    template = Template.parse("Question: {question} Context: {context} Answer: {mask}", ["question", "context"])
+    enc = TemplateTokenizer(sentencepiece_tokenizer, template, "causal", max_length=128)
+    row = {"question": "How was it?", "context": "  The film was great, the acting fine.", "answers": ["great"],
+           "answer_starts": [15]}
+    assert row["context"][15:20] == "great"
+    encoded = enc.encode(row, offsets_field="context")
+    span = answer_span(encoded, row, "context")
+    start, end = span["span"]
+    assert row["context"][encoded.offsets[start][0]:encoded.offsets[end][1]].strip() == "great"
+    text = sentencepiece_tokenizer.decode(encoded.input_ids[start:end + 1]).strip()
+    assert text == "great"
