@@ -35,6 +35,14 @@ def method_name(class_path: str) -> str:
 NAMED_ERRORS = (BackboneError, CheckpointError, AdapterError, DataError, TaskError, TemplateError, FileNotFoundError)
 
 
+def fail(err: BaseException):
+    """End with one ``error:`` line naming the key or file at fault (the traceback with
+    ``PROMPTLIT_TRACEBACK`` set). Call it inside the ``except`` block that caught ``err``."""
+    if os.environ.get("PROMPTLIT_TRACEBACK"):
+        raise err
+    raise SystemExit(f"error: {err}") from None
+
+
 def named_error(err: BaseException) -> BaseException | None:
     """The first error under ``err`` (its causes, and contexts not suppressed with ``from None``) that
     names the config key or file at fault, if any: what a class raised inside jsonargparse's wrapper."""
@@ -90,7 +98,7 @@ class PromptCLI(LightningCLI):
                     path = self.config[sub]["ckpt_path"] = resolve_named_checkpoint(path, self.config[sub])
                 check_checkpoint_file(path)
             except CheckpointError as err:
-                raise SystemExit(f"error: {err}") from None
+                fail(err)
 
     def before_instantiate_classes(self) -> None:
         """Refuse values for the model keys linked from the data module; tag W&B runs with task and
@@ -102,6 +110,9 @@ class PromptCLI(LightningCLI):
             if key in given and given[key] != default:  # linked from the data module: a value given here would be dropped
                 raise ValueError(f"model.init_args.{key}: set from data ({source}: data.init_args.task, or the task "
                                  f"file), not here; remove {given[key]!r}")
+        if cfg.get("lr_scheduler") and not cfg.get("optimizer"):  # LightningCLI would drop it without a word
+            raise ValueError("lr_scheduler: takes effect only with --optimizer; the methods' own AdamW has its schedule "
+                             "in model.init_args.warmup_ratio (linear warm-up, then linear decay)")
         logger = cfg.trainer.get("logger")
         if not logger or not isinstance(logger, dict) and not hasattr(logger, "init_args"):
             return
@@ -218,7 +229,7 @@ def export(args: list[str]):
         cli.model.load_state_dict(state["state_dict"], strict=False)
         path = export_adapter(cli.model, out_dir, template=cli.datamodule.template.source)
     except (CheckpointError, AdapterError, OSError) as err:  # OSError: an --out_dir that cannot be written
-        raise SystemExit(f"error: {err}") from None
+        fail(err)
     finally:
         for temp in temps:
             os.unlink(temp)
@@ -257,6 +268,4 @@ if __name__ == "__main__":
     try:
         main()
     except (ValueError, FileNotFoundError, FloatingPointError) as err:  # bad input: one line, no traceback
-        if os.environ.get("PROMPTLIT_TRACEBACK"):
-            raise
-        sys.exit(f"error: {err}")
+        fail(err)

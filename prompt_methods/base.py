@@ -53,8 +53,8 @@ class PromptModule(Feeding, L.LightningModule):
             sdpa on GPU), ``grouped``, ``eager`` or ``sdpa``.
         trust_remote_code: allow model code from the hub; off unless set.
         max_new_tokens: the longest answer generated (or extracted as a span), in tokens, for tasks with
-            text answers; unset: the task's ``max_answer_tokens``, which also cuts the training targets
-            (24 for a module built outside a trainer).
+            text answers; unset: the task's ``max_answer_tokens``, which also cuts a generated answer's
+            training targets (24 for a module built outside a trainer).
         compile: ``torch.compile`` each transformer layer (regional, dynamic shapes) at setup. Pays off
             on long runs only: the first steps wait for the compile (``benchmarks/step_speed.py --compile``).
         residual_dtype: under autocast (``bf16-mixed``) with a 16-bit backbone, the dtype of the hidden

@@ -120,6 +120,9 @@ def test_corrupt_checkpoint_gets_one_line(soft_ckpt, tiny, family_files, tmp_pat
     with pytest.raises(SystemExit, match="does not exist"):
         run_cli(["--config", SOFT, *tiny_args(tiny, family_files["sst2"], tmp_path), "--ckpt_path", str(tmp_path / "nope.ckpt")],
                 "test", monkeypatch)
+    monkeypatch.setenv("PROMPTLIT_TRACEBACK", "1")  # the traceback instead of the one line
+    with pytest.raises(CheckpointError, match="is not a readable checkpoint"):
+        run_cli(args, "test", monkeypatch)
 
 
 def test_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

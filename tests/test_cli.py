@@ -197,3 +197,11 @@ def test_optimizer_from_the_command_line_trains_the_prompt_only(tiny, family_fil
     assert not torch.equal(model.prompt.detach(), prompt)
     for key, value in model.backbone.state_dict().items():
         assert torch.equal(value, backbone[key]), key
+
+
+def test_lr_scheduler_without_optimizer_is_refused(tiny, family_files, tmp_path, monkeypatch):
+    """LightningCLI would drop it without a word and train with the method's own schedule."""
+    args = ["--config", "configs/sst2/soft_prompt.yaml", *tiny_args(tiny, family_files["sst2"], tmp_path),
+            "--trainer.fast_dev_run", "true", "--lr_scheduler", "torch.optim.lr_scheduler.StepLR", "--lr_scheduler.step_size", "1"]
+    with pytest.raises(ValueError, match="lr_scheduler: takes effect only with --optimizer"):
+        run_cli(args, "fit", monkeypatch)
