@@ -41,8 +41,11 @@ METHODS = {
 PEFT_METHODS = ("soft_prompt", "prefix_tuning", "p_tuning")
 #: ``data.init_args.max_length`` where a config leaves it out (``PromptDataModule``'s default)
 DEFAULT_MAX_LENGTH = 256
+#: the model keys of a method's config that its PEFT peer keeps: the method's, the optimizer's, and how the
+#: backbone is loaded and label words scored (not promptlit's speed settings: the peer runs PEFT's defaults)
 PEFT_KEYS = ("num_virtual_tokens", "lr", "weight_decay", "warmup_ratio", "init", "init_text", "init_seed",
-             "init_vocab_ids", "encoder", "encoder_hidden", "reparameterize", "mlp_hidden", "backbone", "precision")
+             "init_vocab_ids", "encoder", "encoder_hidden", "reparameterize", "mlp_hidden", "backbone", "precision",
+             "backbone_kind", "trust_remote_code", "length_norm")
 GRID_KEYS = {"name", "backbone", "tasks", "methods", "peft", "seeds", "budget", "precision", "overrides",
              "configs", "out", "isolate", "keep_checkpoints", "wandb_project"}
 BUDGET_KEYS = {"steps", "batch_size", "few_shot_k", "val_examples", "eval_examples"}

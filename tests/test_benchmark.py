@@ -298,3 +298,19 @@ def test_p_tuning_peer_config_keeps_the_text_budget(tmp_path):
     assert peer["data"]["init_args"]["max_length"] == ours_length - 6 == ours_length - ours["model"]["init_args"]["num_virtual_tokens"]
     soft, _ = benchmark.cell_config(grid, cell("soft_prompt", "peft"), tmp_path)
     assert "max_length" not in soft["data"]["init_args"]  # no slots: its prompt is outside max_length on both sides
+
+
+def test_peer_keeps_how_label_words_are_scored(tmp_path):
+    """A method config's scoring and loading keys reach its PEFT peer; promptlit's speed settings do not."""
+    import shutil
+
+    configs = tmp_path / "configs"
+    shutil.copytree(benchmark.ROOT / "configs" / "sst2", configs / "sst2")
+    path = configs / "sst2" / "soft_prompt.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    cfg["model"]["init_args"].update({"length_norm": True, "share_prompt": False})
+    path.write_text(yaml.safe_dump(cfg))
+    grid = {"name": "x", "budget": {"steps": 1}, "configs": str(configs)}
+    cell = {"task": "sst2", "method": "soft_prompt", "impl": "peft", "seed": 1, "key": benchmark.cell_key("sst2", "soft_prompt", "peft", 1)}
+    peer, _ = benchmark.cell_config(grid, cell, tmp_path)
+    assert peer["model"]["init_args"]["length_norm"] is True and "share_prompt" not in peer["model"]["init_args"]
