@@ -12,6 +12,13 @@ from test_methods import METHODS, assert_same_training, loss_scores_grads
 from test_question_answering import greedy_without_cache, make_qa, squad_file  # noqa: F401 (fixture)
 
 
+@pytest.fixture
+def no_fallback(monkeypatch):
+    """The ``grouped`` kernel must run itself: a hand-over to the model's eager attention fails the test
+    (else a comparison with eager would compare eager with itself)."""
+    monkeypatch.setattr(attention, "_eager", lambda module: pytest.fail(f"{type(module).__name__} fell back to eager"))
+
+
 def load(path: str, impl: str, dtype=torch.float32):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.set_attn_implementation(impl)
@@ -19,7 +26,7 @@ def load(path: str, impl: str, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])  # grouped-query heads (4 over 2) and plain heads
-def test_grouped_equals_eager_with_padding(arch, tiny):
+def test_grouped_equals_eager_with_padding(arch, tiny, no_fallback):
     """Logits and the input gradient of a left-padded batch equal eager attention's."""
     ids = torch.randint(5, 60, (3, 9))
     mask = torch.ones_like(ids)
@@ -37,7 +44,7 @@ def test_grouped_equals_eager_with_padding(arch, tiny):
     torch.testing.assert_close(grad, eager_grad, atol=1e-5, rtol=1e-4)
 
 
-def test_grouped_close_to_eager_in_bf16(tiny):
+def test_grouped_close_to_eager_in_bf16(tiny, no_fallback):
     """In bf16 the softmax runs in bf16 (fp32 inside the kernel, one rounding), eager's in fp32:
     against the fp32 model, grouped's bf16 logits are no further off than eager's bf16 logits."""
     torch.manual_seed(0)
@@ -49,7 +56,7 @@ def test_grouped_close_to_eager_in_bf16(tiny):
 
 
 @pytest.mark.parametrize("name", ["soft_prompt", "prefix_tuning", "p_tuning"])
-def test_prompt_methods_train_the_same_with_grouped_attention(name, tiny, make_data):
+def test_prompt_methods_train_the_same_with_grouped_attention(name, tiny, make_data, no_fallback):
     """Scores, loss and the prompt's gradient equal eager attention's, with the shared prompt row
     (soft prompt), a prefix cache (prefix tuning) and template slots (P-tuning)."""
     cls, kwargs = METHODS[name]
@@ -67,7 +74,7 @@ def test_prompt_methods_train_the_same_with_grouped_attention(name, tiny, make_d
     assert_same_training(*results)
 
 
-def test_generation_with_grouped_attention(tiny, squad_file):  # noqa: F811
+def test_generation_with_grouped_attention(tiny, squad_file, no_fallback):  # noqa: F811
     """Cached greedy decoding (one query against a growing cache) equals rerunning the whole prompt."""
     cls, kwargs = METHODS["soft_prompt"]
     dm = make_qa(tiny("llama"), squad_file)

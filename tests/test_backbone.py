@@ -46,9 +46,10 @@ def test_label_words_on_encoder_without_lm_head(make_data):
         HardPrompt(backbone="minilm-l6", verbalizer=dm.verbalizer, readout="label_words")
 
 
-def test_trust_remote_code_stays_off(tiny, make_data, monkeypatch):
+@pytest.mark.parametrize("flag", [False, True])
+def test_trust_remote_code_stays_off(flag, tiny, make_data, monkeypatch):
     """Every config, tokenizer and model load of a method and its DataModule passes trust_remote_code=False
-    unless it is set."""
+    unless it is set, and the setting when it is."""
     import transformers
 
     seen = []
@@ -61,10 +62,10 @@ def test_trust_remote_code_stays_off(tiny, make_data, monkeypatch):
             return _real(klass, *args, **kwargs)
 
         monkeypatch.setattr(auto, "from_pretrained", classmethod(spy))
-    dm = make_data(tiny("llama"))
-    SoftPrompt(backbone=tiny("llama"), verbalizer=dm.verbalizer, num_virtual_tokens=2)
+    dm = make_data(tiny("llama"), trust_remote_code=flag)
+    SoftPrompt(backbone=tiny("llama"), verbalizer=dm.verbalizer, num_virtual_tokens=2, trust_remote_code=flag)
     assert {name for name, _ in seen} == {"AutoConfig", "AutoTokenizer", "AutoModelForCausalLM"}
-    assert all(flag is False for _, flag in seen), seen
+    assert all(given is flag for _, given in seen), seen
 
 
 def test_cache_keyword_follows_the_transformers_release(tiny):

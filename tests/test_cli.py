@@ -89,12 +89,13 @@ def test_fit_then_test_logs_to_wandb_offline(tiny, family_files, tmp_path, monke
     cli = run_cli(args, "fit", monkeypatch)
     logger = cli.trainer.logger
     run_id = logger.version
+    cli.trainer.test(cli.model, datamodule=cli.datamodule)  # the test scores go to the same run
     cli.trainer.logger.experiment.finish()
-    run_dirs = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
-    assert len(run_dirs) == 1, "W&B must write an offline run folder"
+    run_dirs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert [d.name.rsplit("-", 1)[-1] for d in run_dirs] == [run_id], "W&B must write one offline run folder"
     records = read_run(next(run_dirs[0].glob("run-*.wandb")))
     logged = {k for rec in records["history"] for k in rec}
-    assert {"train/loss", "train/acc", "val/acc", "params/trainable", "params/total"} <= logged
+    assert {"train/loss", "train/acc", "val/acc", "params/trainable", "params/total", "test/acc", "test/score"} <= logged
     assert not {"train/acc_step", "train/acc_epoch"} & logged  # one name, as the README lists it
     trainable = [rec["params/trainable"] for rec in records["history"] if "params/trainable" in rec]
     assert trainable == [20 * 32]  # num_virtual_tokens x hidden size of the tiny llama
@@ -135,6 +136,10 @@ def test_predict_writes_ids_and_labels(tiny, family_files, tmp_path, monkeypatch
     rows = [json.loads(line) for line in out_file.read_text().splitlines()]
     assert [r["id"] for r in rows] == [f"test-{i}" for i in range(6)]
     assert all(r["pred"] in ("0", "1") and abs(sum(r["probs"].values()) - 1) < 1e-4 for r in rows)
+    assert all(r["pred"] == max(r["probs"], key=r["probs"].get) for r in rows)
+    from conftest import TRAIN_ROWS
+
+    assert [r["label"] for r in rows] == [label for _, label in TRAIN_ROWS]  # the test file's gold labels, by name
 
 
 @pytest.mark.parametrize("extra", [[], ["--optimizer", "torch.optim.SGD", "--optimizer.lr", "0.1"]])

@@ -83,6 +83,11 @@ def test_trainable_params_and_shapes(name, arch, tiny, make_data):
     assert scores.shape == (len(batch["labels"]), 2)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert sum(p.numel() for n, p in model.named_parameters() if n in trainable) == expected_trainable(name, model)
+    if name == "fine_tuning":  # the head reads the last hidden states: only what never feeds them is frozen
+        frozen = {n for n, p in model.backbone.named_parameters() if not p.requires_grad}
+        unused = {"llama": (), "gpt2": (), "bert": ("cls.",), "t5": ("decoder.", "lm_head.")}[arch]
+        assert frozen == {n for n, _ in model.backbone.named_parameters() if n.startswith(unused)}, frozen
+        assert frozen or arch in ("llama", "gpt2")
     if not trainable:
         assert not scores.requires_grad
         return
@@ -210,6 +215,12 @@ def test_soft_prompt_vocab_init_follows_the_run_seed(tiny, make_data):
     low = prompt(13, init_vocab_ids=10)  # only the 10 lowest ids
     assert all(any(torch.equal(row, t) for t in table[:10]) for row in low)
     torch.testing.assert_close(prompt(13, init_vocab_ids=len(table)), a)  # the whole vocabulary is the default
+    import inspect
+
+    from prompt_methods.soft_prompt import vocab_rows
+
+    assert inspect.signature(SoftPrompt.__init__).parameters["init_vocab_ids"].default is None
+    assert vocab_rows(torch.arange(10000.0).unsqueeze(1), 200, 0, None).max() >= 5000  # drawn from all of a large table
     with pytest.raises(ValueError, match="model.init_args.init_vocab_ids"):
         prompt(13, init_vocab_ids=0)
 

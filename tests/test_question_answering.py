@@ -212,6 +212,16 @@ def test_extractive_spans_stay_aligned(name, arch, tiny, squad_file):
     feed = model.feed(batch)
     start, end = model.readout.logits(model.backbone, feed, batch["context_mask"])
     assert start.shape == batch["input_ids"].shape  # prepended positions dropped
+    prepended = kwargs.get("num_virtual_tokens", 0) if name in ("soft_prompt", "p_tuning") else 0  # a prefix sits in the cache
+    training, context = model.backbone.training, batch["context_mask"]
+    model.backbone.eval()  # a tuned backbone's dropout off, for two equal forwards
+    with torch.no_grad():
+        start = model.readout.logits(model.backbone, model.feed(batch), context)[0]
+        hidden = base_forward(model.backbone, model.feed(batch)).last_hidden_state
+        assert hidden.size(1) == prepended + batch["input_ids"].size(1)
+        expected = model.readout.linear(hidden[:, prepended:]).float()[..., 0]  # the input's own positions
+    torch.testing.assert_close(start[context], expected[context])
+    model.backbone.train(training)
     # overfit the span: the prediction must become the gold text
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05 if name != "fine_tuning" else 1e-3)
     for _ in range(40):

@@ -58,6 +58,9 @@ def test_datamodule_buckets_training_and_sorts_eval(make_data, tiny):
     assert lengths == sorted(lengths, reverse=True)
     seen = sorted(i for b in dm.train_dataloader() for i in b["ids"])
     assert seen == sorted(it["id"] for it in dm.datasets["train"])
+    from datamodules.sampling import BucketSampler
+
+    assert isinstance(dm.train_dataloader().sampler, BucketSampler)  # bucket_by_length is on by default
     ids = [i for b in dm.predict_dataloader() for i in b["ids"]]
     assert ids == [it["id"] for it in dm.datasets["predict"]]  # predict keeps the file order
 
