@@ -32,21 +32,27 @@ def run(tiny, files, out: Path, config: str, extra: list[str]) -> tuple[dict, fl
     return ckpt["state_dict"], float(rows[-1]["val/score"])
 
 
-@pytest.mark.parametrize("config,weight,atol", [
-    ("configs/sst2/soft_prompt.yaml", "prompt", 1e-5),
-    ("configs/sst2/prefix_tuning.yaml", "prefix.kv", 1e-5),
-    ("configs/sst2/p_tuning.yaml", "prompt_encoder.mlp.2.weight", 1e-5),
-    # a tuned backbone and the head train with dropout, whose masks each process draws itself
-    ("configs/sst2/fine_tuning.yaml", "readout.linear.weight", 5e-4),
+TUNED = ["--model.init_args.tune_backbone", "true", "--model.init_args.lr", "1e-3"]
+
+
+@pytest.mark.parametrize("config,weight,extra", [
+    ("configs/sst2/soft_prompt.yaml", "prompt", []),
+    ("configs/sst2/prefix_tuning.yaml", "prefix.kv", []),
+    ("configs/sst2/p_tuning.yaml", "prompt_encoder.mlp.2.weight", []),
+    # a tuned backbone (the tiny Llama has no dropout, so both runs compute the same gradients)
+    ("configs/sst2/hard_prompt.yaml", "backbone.model.layers.0.mlp.down_proj.weight", TUNED),
 ])
-def test_ddp_two_processes_match_one(config, weight, atol, tiny, family_files, tmp_path):
+def test_ddp_two_processes_match_one(config, weight, extra, tiny, family_files, tmp_path):
     files = family_files["sst2"]
     single, single_score = run(tiny, files, tmp_path / "single", config,
-                               ["--trainer.devices", "1", "--data.init_args.batch_size", "4"])
+                               ["--trainer.devices", "1", "--data.init_args.batch_size", "4", *extra])
     ddp, ddp_score = run(tiny, files, tmp_path / "ddp", config,
-                         ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--data.init_args.batch_size", "2"])
-    torch.testing.assert_close(ddp[weight], single[weight], rtol=0, atol=atol)
+                         ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--data.init_args.batch_size", "2", *extra])
+    torch.testing.assert_close(ddp[weight], single[weight], rtol=0, atol=1e-5)
     assert abs(ddp_score - single_score) < 1e-6
+    # without the gradient all-reduce, a process would train on its half of each batch: far from both
+    half, _ = run(tiny, files, tmp_path / "half", config, ["--trainer.devices", "1", "--data.init_args.batch_size", "2", *extra])
+    assert (half[weight] - single[weight]).abs().max() > 100 * 1e-5
 
 
 @pytest.mark.parametrize("task", ["sst2", "semeval"])
@@ -69,6 +75,7 @@ def test_ddp_scores_an_odd_split_once(task, tiny, family_files, tmp_path):
     scores = {name: [float(r["val/score"]) for r in csv.DictReader(open(next((tmp_path / name).rglob("metrics.csv"))))
                      if r.get("val/score")] for name in ("single", "ddp")}
     assert len(scores["single"]) == 3
+    assert any(0 < score < 1 for score in scores["single"])  # else a repeated example would not show
     torch.testing.assert_close(scores["ddp"], scores["single"], rtol=0, atol=1e-6)
 
 
