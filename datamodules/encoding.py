@@ -19,6 +19,7 @@ a SentencePiece-style tokenizer marks the start of every text it is given as a w
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -86,6 +87,16 @@ class PieceTokenizer:
         return got
 
 
+_PIECES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def piece_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PieceTokenizer:
+    """The tokenizer's :class:`PieceTokenizer`, probed once per tokenizer."""
+    if tokenizer not in _PIECES:
+        _PIECES[tokenizer] = PieceTokenizer(tokenizer)
+    return _PIECES[tokenizer]
+
+
 def special_affixes(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
     """The special tokens a tokenizer puts before and after a sequence (e.g. [CLS] / [SEP])."""
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
@@ -115,7 +126,7 @@ class TemplateTokenizer:
             self.suffix = []  # nothing may follow the answer position
             self._refuse_input_after_mask()
         self.mask_ids = self._mask_ids(mask_tokens)
-        self.pieces = PieceTokenizer(tokenizer)
+        self.pieces = piece_tokenizer(tokenizer)
         pieces = template.pieces
         self._text_ids = {id(p): self.pieces(p.text, first=p is pieces[0]) for p in pieces if isinstance(p, Text)}
         fixed = len(self.prefix) + len(self.suffix) + sum(self._fixed_len(p) for p in self._pieces())
@@ -249,7 +260,7 @@ def generation_target(tokenizer: PreTrainedTokenizerBase, answer: str, space: st
     """Token ids a generated answer is trained on: the answer (after ``space``, as it follows the
     prompt), cut to ``max_tokens - 1`` tokens, then the end token. A T5-style seq2seq decoder fills
     the input's ``<extra_id_0>`` as in pretraining: ``<extra_id_0> answer <extra_id_1>``, then the end."""
-    ids = PieceTokenizer(tokenizer)(space + answer.strip(), first=kind == "seq2seq")  # a causal answer follows the prompt
+    ids = piece_tokenizer(tokenizer)(space + answer.strip(), first=kind == "seq2seq")  # a causal answer follows the prompt
     marks = sentinels(tokenizer) if kind == "seq2seq" else None
     if marks:
         return [marks[0]] + ids[: max(1, max_tokens - 3)] + [marks[1], tokenizer.eos_token_id]
@@ -262,7 +273,7 @@ def tokenize_label_words(tokenizer: PreTrainedTokenizerBase, template: Template,
     template's ``{mask}`` (with its leading space, if any): after the prompt, or at the start of a
     seq2seq decoder's answer."""
     space = TemplateTokenizer.mask_space(template)
-    pieces = PieceTokenizer(tokenizer)
+    pieces = piece_tokenizer(tokenizer)
     out = []
     for label in labels:
         words = []
