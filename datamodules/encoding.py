@@ -36,8 +36,10 @@ class Encoded:
     offsets: dict[int, tuple[int, int]] | None = None
 
 
-#: text put before a piece to tokenize it as it reads after other text (then its tokens are dropped)
-ANCHOR = "a"
+#: texts put before a piece to tokenize it as it reads after other text (then their tokens are
+#: dropped), tried in turn: a letter, then a line break (a byte token that merges with nothing
+#: on SentencePiece vocabularies), for a piece whose first letters would merge into the letter
+ANCHORS = ("a", "\n")
 #: pieces whose tokens differ alone and after text when a tokenizer marks word starts (``▁?`` vs ``?``)
 PROBES = ("?", " a", ".")
 
@@ -49,30 +51,40 @@ class PieceTokenizer:
     that prepends a word-start mark to each text it is given (SentencePiece's dummy prefix: Llama-2,
     Mistral, T5 with transformers' Metaspace pre-tokenizer) gives a piece that follows text without a
     space (``"{question}? Answer:"``) a stray ``▁`` token. For such a tokenizer (found by
-    :data:`PROBES`), a piece that does not start the prompt is tokenized after :data:`ANCHOR`, whose
-    tokens are then dropped; where the piece would merge into the anchor's tokens, alone.
+    :data:`PROBES`), a piece that does not start the prompt is tokenized after one of
+    :data:`ANCHORS`, whose tokens are then dropped; where the piece merges into every anchor's
+    tokens, alone. Holds the tokenizer weakly (one is kept per tokenizer: :func:`piece_tokenizer`).
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase):
-        self.tokenizer = tokenizer
-        self.anchor = self.plain(ANCHOR)
-        self.anchored = bool(self.anchor) and any(self._after(p) not in (None, self.plain(p)) for p in PROBES)
+        self._tokenizer = weakref.ref(tokenizer)
+        self.anchors = [(text, ids) for text in ANCHORS if (ids := self.plain(text))]
+        self.anchored = any(self._after(p) not in (None, self.plain(p)) for p in PROBES)
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self._tokenizer()
 
     def plain(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _after(self, text: str, offsets: bool = False):
-        enc = self.tokenizer(ANCHOR + text, add_special_tokens=False, return_offsets_mapping=offsets)
-        n = len(self.anchor)
-        if enc["input_ids"][:n] != self.anchor:
-            return None
-        if not offsets:
-            return enc["input_ids"][n:]
-        shift = len(ANCHOR)
-        return enc["input_ids"][n:], [(max(0, a - shift), max(0, b - shift)) for a, b in enc["offset_mapping"][n:]]
+        """The ids of ``text`` after the first anchor that keeps its own tokens (with char spans in
+        ``text`` when ``offsets``), or None."""
+        for anchor, anchor_ids in self.anchors:
+            enc = self.tokenizer(anchor + text, add_special_tokens=False, return_offsets_mapping=offsets)
+            n = len(anchor_ids)
+            if enc["input_ids"][:n] != anchor_ids:
+                continue
+            if not offsets:
+                return enc["input_ids"][n:]
+            shift = len(anchor)
+            return enc["input_ids"][n:], [(max(0, a - shift), max(0, b - shift)) for a, b in enc["offset_mapping"][n:]]
+        return None
 
     def __call__(self, text: str, first: bool = False) -> list[int]:
-        """The ids of ``text``; ``first``: it starts the prompt (or the decoder's answer), as tokenized alone."""
+        """The ids of ``text``; ``first``: no text comes before it (it starts the prompt, or a
+        seq2seq decoder's answer), so it is tokenized alone."""
         if first or not self.anchored or not text:
             return self.plain(text)
         ids = self._after(text)
@@ -127,8 +139,12 @@ class TemplateTokenizer:
             self._refuse_input_after_mask()
         self.mask_ids = self._mask_ids(mask_tokens)
         self.pieces = piece_tokenizer(tokenizer)
-        pieces = template.pieces
-        self._text_ids = {id(p): self.pieces(p.text, first=p is pieces[0]) for p in pieces if isinstance(p, Text)}
+        # a piece with no template text or field before it starts the text (leading {soft} slots are not text)
+        seen, self._starts = False, {}
+        for p in template.pieces:
+            self._starts[id(p)] = not seen
+            seen = seen or isinstance(p, (Text, Field))
+        self._text_ids = {id(p): self.pieces(p.text, first=self._starts[id(p)]) for p in template.pieces if isinstance(p, Text)}
         fixed = len(self.prefix) + len(self.suffix) + sum(self._fixed_len(p) for p in self._pieces())
         if fixed >= max_length:
             raise TemplateError(
@@ -191,11 +207,12 @@ class TemplateTokenizer:
                 raw = "" if example.get(piece.name) is None else str(example[piece.name])
                 value = raw.strip()
                 if piece.name == offsets_field and value:
-                    ids[index], spans = self.pieces.with_offsets(piece.space + value, first=index == 0)
-                    shift = len(raw) - len(raw.lstrip()) - len(piece.space)
-                    offsets[index] = [(a + shift, b + shift) for a, b in spans]
+                    ids[index], spans = self.pieces.with_offsets(piece.space + value, first=self._starts[id(piece)])
+                    shift = len(raw) - len(raw.lstrip()) - len(piece.space)  # spans into piece.space + value
+                    # (a word-start token's span may cover the space before the value: from 0 then)
+                    offsets[index] = [(max(0, a + shift), max(0, b + shift)) for a, b in spans]
                     continue
-                ids[index] = self.pieces(piece.space + value, first=index == 0) if value else []
+                ids[index] = self.pieces(piece.space + value, first=self._starts[id(piece)]) if value else []
         total = sum(len(v) for v in ids.values())
         while total > self.budget:
             longest = max(ids, key=lambda k: len(ids[k]))

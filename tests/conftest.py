@@ -71,6 +71,12 @@ def _sentencepiece_style_tokenizer():
     return LlamaTokenizer(vocab=model["vocab"], merges=merges, pad_token="<pad>")
 
 
+@pytest.fixture(autouse=True)
+def _one_line_errors(monkeypatch):
+    """Tests expect the one-line errors, whatever the shell exports."""
+    monkeypatch.delenv("PROMPTLIT_TRACEBACK", raising=False)
+
+
 @pytest.fixture(scope="session")
 def sentencepiece_tokenizer():
     return _sentencepiece_style_tokenizer()

@@ -205,16 +205,52 @@ def test_only_word_start_tokenizers_tokenize_pieces_after_an_anchor(tiny, senten
         assert not PieceTokenizer(AutoTokenizer.from_pretrained(tiny(arch))).anchored
 
 
-def test_span_offsets_with_a_word_start_tokenizer(sentencepiece_tokenizer):
-    """Character offsets of a field tokenized after the anchor still point into the field's own text."""
+@pytest.mark.parametrize("context", ["  the film was great, the acting fine.", "the film was great, the acting fine."])
+def test_span_offsets_with_a_word_start_tokenizer(context, sentencepiece_tokenizer):
+    """Character offsets of a field tokenized after the anchor still point into the field's own text,
+    from its first character (a word-start token's span covers the space the template puts before it)."""
     template = Template.parse("Question: {question} Context: {context} Answer: {mask}", ["question", "context"])
     enc = TemplateTokenizer(sentencepiece_tokenizer, template, "causal", max_length=128)
-    row = {"question": "How was it?", "context": "  The film was great, the acting fine.", "answers": ["great"],
-           "answer_starts": [15]}
-    assert row["context"][15:20] == "great"
+    at = context.index("great")
+    row = {"question": "How was it?", "context": context, "answers": ["great"], "answer_starts": [at]}
     encoded = enc.encode(row, offsets_field="context")
-    span = answer_span(encoded, row, "context")
-    start, end = span["span"]
-    assert row["context"][encoded.offsets[start][0]:encoded.offsets[end][1]].strip() == "great"
-    text = sentencepiece_tokenizer.decode(encoded.input_ids[start:end + 1]).strip()
-    assert text == "great"
+    start, end = answer_span(encoded, row, "context")["span"]
+    assert context[encoded.offsets[start][0]:encoded.offsets[end][1]].strip() == "great"
+    assert sentencepiece_tokenizer.decode(encoded.input_ids[start:end + 1]).strip() == "great"
+    first = min(encoded.offsets)  # the context's first token, "▁the"
+    assert encoded.offsets[first][0] >= 0 and context[slice(*encoded.offsets[first])].strip() == "the"
+
+
+def test_text_after_leading_soft_slots_starts_the_text(sentencepiece_tokenizer):
+    """{soft} slots are not text: a field right after them is tokenized as the start of a text, as the
+    PEFT peer's template without the slots has it."""
+    tok = sentencepiece_tokenizer
+    template = Template.parse("{soft:3}{sentence} Sentiment: {mask}", ["sentence"])
+    enc = TemplateTokenizer(tok, template, "causal", max_length=64)
+    ids = enc.encode({"sentence": "great movie"}).input_ids
+    assert ids[len(enc.prefix) + 3:] == tok("great movie Sentiment:", add_special_tokens=False)["input_ids"]
+
+
+def test_a_piece_that_merges_into_the_letter_anchor_takes_the_next(sentencepiece_tokenizer):
+    pieces = PieceTokenizer(sentencepiece_tokenizer)
+    tok = sentencepiece_tokenizer
+    assert tok("a" + "nd the", add_special_tokens=False)["input_ids"][:1] != tok("a", add_special_tokens=False)["input_ids"]
+    ids = pieces("nd the")
+    assert tok.convert_ids_to_tokens(ids)[0] != "▁" and not tok.convert_ids_to_tokens(ids)[0].startswith("▁")
+    assert tok.decode(ids) == "nd the"
+
+
+def test_seq2seq_answers_start_a_text_and_pieces_after_the_sentinel_do_not(sentencepiece_tokenizer):
+    """A seq2seq label word or answer starts the decoder's text (a word start, as T5 wrote the spans it
+    was trained to fill); template text right after the input's sentinel continues the text."""
+    from conftest import _sentencepiece_style_tokenizer
+
+    tok = _sentencepiece_style_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<extra_id_0>", "<extra_id_1>"]})
+    template = Template.parse("{sentence} It was {mask}.", ["sentence"])
+    words = tokenize_label_words(tok, template, ["0"], {"0": ["positive"]}, kind="seq2seq")
+    assert tok.convert_ids_to_tokens(words[0][0])[0].startswith("▁")
+    assert generation_target(tok, "great", "", 16, kind="seq2seq")[1:-2] == tok("great", add_special_tokens=False)["input_ids"]
+    ids = TemplateTokenizer(tok, template, "seq2seq", max_length=64).encode({"sentence": "a fine film"}).input_ids
+    sentinel = ids.index(tok.convert_tokens_to_ids("<extra_id_0>"))
+    assert tok.convert_ids_to_tokens(ids[sentinel + 1:]) == ["."]  # no word-start mark before the period
