@@ -201,8 +201,7 @@ class PromptModule(Feeding, L.LightningModule):
 
     def _follow_answer_length(self) -> None:
         """Unless ``max_new_tokens`` is set, answers may be as long as the task's training targets."""
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        length = getattr(datamodule, "max_answer_tokens", None)
+        length = getattr(getattr(self._trainer, "datamodule", None), "max_answer_tokens", None)
         if self.hparams.max_new_tokens is None and length:
             if isinstance(self.readout, Generator):
                 self.readout.max_new_tokens = length

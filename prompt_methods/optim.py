@@ -31,9 +31,8 @@ def check_trainable(module: nn.Module) -> None:
 def adamw_with_schedule(module: nn.Module, lr: float, weight_decay: float, warmup_ratio: float, total_steps: int) -> dict:
     """Lightning's ``configure_optimizers`` answer for ``module``: matrices decay, vectors and norms do not.
 
-    Raises ``ValueError`` when nothing trains (:func:`check_trainable`).
+    A module with nothing to train is refused before, at ``setup("fit")`` (:func:`check_trainable`).
     """
-    check_trainable(module)
     decay, no_decay = [], []
     for name, p in module.named_parameters():
         if p.requires_grad:
