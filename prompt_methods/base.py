@@ -12,7 +12,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MaxMetric
+from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from prompt_methods import runtime
@@ -140,6 +140,9 @@ class PromptModule(Feeding, L.LightningModule):
         self.metric, self.labels = metric, labels or [str(i) for i in range(self.num_labels)]
         self._outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"val": [], "test": []}
         self.metrics = nn.ModuleDict({f"{s}_acc": MulticlassAccuracy(max(2, self.num_labels), average="micro") for s in ("train", "val", "test")})
+        # evaluation losses as sums and counts, gathered from every process: the mean over all examples
+        # (a synced ``self.log`` would average the processes' means, unequal shares weighted equally)
+        self.eval_losses = nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
         self.val_acc_best, self.val_score_best = MaxMetric(), MaxMetric()
         for best in (self.val_acc_best, self.val_score_best):
             best.persistent(True)  # in checkpoints: a resumed run keeps its best so far
@@ -199,14 +202,22 @@ class PromptModule(Feeding, L.LightningModule):
         if self.compile_layers and not self._compiled:
             self._compiled = runtime.compile_blocks(self.backbone, attention=self.compile_attention)
 
-    def _follow_answer_length(self) -> None:
-        """Unless ``max_new_tokens`` is set, answers may be as long as the task's training targets."""
-        length = getattr(getattr(self._trainer, "datamodule", None), "max_answer_tokens", None)
+    def _follow_answer_length(self, fallback: int | None = None) -> None:
+        """Unless ``max_new_tokens`` is set, answers may be as long as the task's training targets: the
+        trainer's data module's ``max_answer_tokens``, else ``fallback`` (a checkpoint's)."""
+        length = getattr(getattr(self._trainer, "datamodule", None), "max_answer_tokens", None) or fallback
         if self.hparams.max_new_tokens is None and length:
             if isinstance(self.readout, Generator):
                 self.readout.max_new_tokens = length
             elif isinstance(self.readout, SpanHead):
                 self.readout.max_answer_tokens = length
+
+    @property
+    def answer_length(self) -> int | None:
+        """The longest answer generated or extracted, in tokens (None for label tasks)."""
+        if isinstance(self.readout, Generator):
+            return self.readout.max_new_tokens
+        return self.readout.max_answer_tokens if isinstance(self.readout, SpanHead) else None
 
     def cast_backbone(self, dtype: torch.dtype) -> None:
         """Store the backbone's weights in ``dtype``; its rotary frequencies stay fp32."""
@@ -273,7 +284,7 @@ class PromptModule(Feeding, L.LightningModule):
     def _step(self, batch: dict, split: str) -> torch.Tensor:
         loss, scores = self.loss(batch)
         if self.text_answers:
-            self.log(f"{split}/loss", loss, prog_bar=split == "train", batch_size=len(batch["ids"]), sync_dist=split != "train")
+            self._log_loss(split, loss, len(batch["ids"]))
             if split in self._outputs:
                 self._outputs[split].append((self.answer_texts(batch), batch["answers"]))
             return loss
@@ -282,10 +293,17 @@ class PromptModule(Feeding, L.LightningModule):
         metric = self.metrics[f"{split}_acc"]
         metric(scores, batch["labels"])
         bs = len(batch["labels"])
-        self.log(f"{split}/loss", loss, prog_bar=split == "train", batch_size=bs, sync_dist=split != "train")
+        self._log_loss(split, loss, bs)
         train = split == "train"  # per step in training (one key, train/acc), per evaluation otherwise
         self.log(f"{split}/acc", metric, prog_bar=True, batch_size=bs, on_step=train, on_epoch=not train)
         return loss
+
+    def _log_loss(self, split: str, loss: torch.Tensor, batch_size: int) -> None:
+        if split not in self.eval_losses:
+            self.log(f"{split}/loss", loss, prog_bar=True, batch_size=batch_size)
+            return
+        self.eval_losses[split].update(loss.detach(), weight=batch_size)
+        self.log(f"{split}/loss", self.eval_losses[split], batch_size=batch_size, on_step=False, on_epoch=True)
 
     def training_step(self, batch, batch_idx):
         return self._step(batch, "train")
@@ -331,9 +349,12 @@ class PromptModule(Feeding, L.LightningModule):
         and the random number generators' state (dropout in a tuned backbone or a head draws from it)."""
         trim_state(self, checkpoint)
         checkpoint["rng"] = rng_state()
+        if self.answer_length is not None:  # the task's answer length, for a module loaded without a trainer
+            checkpoint["answer_tokens"] = self.answer_length
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_compatible(self, checkpoint)
         self.head_trained = True
+        self._follow_answer_length(checkpoint.get("answer_tokens"))  # a trainer's data module still wins
         if self._trainer is not None and self.trainer.state.fn == "fit" and "rng" in checkpoint:
             restore_rng(checkpoint["rng"])  # a resumed fit draws the dropout masks an uninterrupted one would

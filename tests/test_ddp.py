@@ -72,12 +72,16 @@ def test_ddp_scores_an_odd_split_once(task, tiny, family_files, tmp_path):
     torch.testing.assert_close(ddp["prompt"], single["prompt"], rtol=0, atol=1e-5)
     # every validation (steps 2, 4, 6), not only the last: the tiny model ends up right on all five,
     # where a repeated example no longer shows (5 of 5 and 6 of 6 alike)
-    scores = {name: [float(r["val/score"]) for r in csv.DictReader(open(next((tmp_path / name).rglob("metrics.csv"))))
-                     if r.get("val/score")] for name in ("single", "ddp")}
+    rows = {name: [r for r in csv.DictReader(open(next((tmp_path / name).rglob("metrics.csv")))) if r.get("val/score")]
+            for name in ("single", "ddp")}
+    scores = {name: [float(r["val/score"]) for r in rows[name]] for name in rows}
     assert len(scores["single"]) == 3
     if task == "sst2":  # else a repeated example would not show; SemEval's tiny run scores F1 0 throughout,
         assert any(0 < score < 1 for score in scores["single"])  # so there the case guards the gather itself
     torch.testing.assert_close(scores["ddp"], scores["single"], rtol=0, atol=1e-6)
+    # the loss too is the mean over the five examples, not a mean of the two processes' means (3 and 2)
+    losses = {name: torch.tensor([float(r["val/loss"]) for r in rows[name]]) for name in rows}
+    torch.testing.assert_close(losses["ddp"], losses["single"], rtol=0, atol=1e-5)
 
 
 def test_ddp_predict_writes_every_rank_into_one_run_folder(tiny, family_files, tmp_path):

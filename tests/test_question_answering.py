@@ -164,7 +164,7 @@ def test_generative_loss_falls(tiny, squad_file):
 
 @pytest.mark.parametrize("arch", ["llama", "bert"])  # generated answers, extracted spans
 @pytest.mark.parametrize("max_new_tokens", [None, 2])
-def test_answer_length_follows_the_task_unless_set(arch, max_new_tokens, tiny, squad_file):
+def test_answer_length_follows_the_task_unless_set(arch, max_new_tokens, tiny, squad_file, tmp_path):
     """Unset, ``max_new_tokens`` is the task's ``max_answer_tokens`` (which cuts the training targets)
     once the module runs with the data module; set, it wins."""
     import lightning as L
@@ -183,6 +183,10 @@ def test_answer_length_follows_the_task_unless_set(arch, max_new_tokens, tiny, s
         with torch.no_grad():
             answers = model.readout.generate(model.backbone, model.feed(batch))
         assert 0 < max(len(a) for a in answers) <= (max_new_tokens or 5)
+    # a checkpoint keeps the length: loaded by hand, without a trainer, the module answers as trained
+    trainer.save_checkpoint(tmp_path / "qa.ckpt")
+    loaded = SoftPrompt.load_from_checkpoint(tmp_path / "qa.ckpt", verbalizer=dm.verbalizer)
+    assert getattr(loaded.readout, limit) == (max_new_tokens or 5)
 
 
 def test_generation_needs_a_decoder(tiny):
