@@ -159,7 +159,7 @@ def make_data(sst_files):
 
 @pytest.fixture(scope="session")
 def family_files(sst_files, tmp_path_factory):
-    """Tiny train/validation/test files per task: SST-2 shaped tsv, relation, BoolQ and TREC jsonl."""
+    """Tiny train/validation/test files per task: SST-2 shaped tsv, relation, BoolQ, TREC and RTE jsonl."""
     import json
 
     folder = tmp_path_factory.mktemp("families")
@@ -172,7 +172,9 @@ def family_files(sst_files, tmp_path_factory):
     out = {"sst2": {s: str(sst_files / f"{s}.tsv") for s in ("train", "validation", "test")}}
     trec = [{"question": "Who wrote the book ?", "label": "HUM"}, {"question": "Where is the city ?", "label": "LOC"},
             {"question": "How many films were made ?", "label": "NUM"}] * 2
-    for task, rows in (("semeval", rel), ("fewrel", fewrel), ("boolq", boolq), ("trec", trec)):
+    rte = [{"premise": "The cat sat on the mat.", "hypothesis": "A cat is on the mat.", "label": "entailment"},
+           {"premise": "The shop closed in 1990.", "hypothesis": "The shop is open.", "label": "not_entailment"}] * 3
+    for task, rows in (("semeval", rel), ("fewrel", fewrel), ("boolq", boolq), ("trec", trec), ("rte", rte)):
         path = folder / f"{task}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         out[task] = {s: str(path) for s in ("train", "validation", "test")}

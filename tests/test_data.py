@@ -16,6 +16,7 @@ from tasks.spec import SplitSource, TaskError, load_task
     ("trec", {"train": 5452, "test": 500}),
     ("agnews", {"train": 10001, "test": 7600}),
     ("boolq", {"train": 9427, "test": 3270}),
+    ("rte", {"train": 2490, "test": 277}),  # parquet; GLUE's unlabeled test file is not read
 ])
 def test_real_files_row_counts(task, counts, data_dir):
     spec = load_task(task)
