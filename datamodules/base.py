@@ -51,7 +51,7 @@ class PromptDataModule(L.LightningDataModule):
         eval_batch_size: batch size for validation, test and predict.
         few_shot_k: sample K training (and K validation) examples per class.
         max_train_samples: cap on training examples after few-shot sampling.
-        max_eval_samples: cap on validation and test examples.
+        max_eval_samples: cap on validation and test examples (``predict`` still writes every test example).
         max_val_samples: cap on validation examples alone (default: ``max_eval_samples``). Use it, not
             the trainer's ``limit_val_batches``, to validate on part of a split: evaluation runs longest
             first, so the first batches hold the longest examples.
@@ -249,12 +249,12 @@ class PromptDataModule(L.LightningDataModule):
             splits["validation"] = self._per_class(splits["validation"], hp.few_shot_k, rng, "validation")
         if hp.max_train_samples and "train" in splits:
             splits["train"] = rng.sample(splits["train"], min(hp.max_train_samples, len(splits["train"])))
+        if "test" in splits:  # predict writes the whole test split: the caps are for scoring
+            splits.setdefault("predict", splits["test"])
         for name, salt in (("validation", 2), ("test", 3)):
             cap = (hp.max_val_samples if name == "validation" else None) or hp.max_eval_samples
             if cap and name in splits and len(splits[name]) > cap:
                 splits[name] = self._eval_subset(splits[name], cap, salt)
-        if "test" in splits:
-            splits.setdefault("predict", splits["test"])
         return splits
 
     def encode_row(self, row: dict, split: str) -> dict:

@@ -253,12 +253,16 @@ class TemplateTokenizer:
 
 def answer_span(enc: Encoded, row: dict, field: str) -> dict:
     """An extractive answer's item fields: the token span (start, end) of the first gold answer
-    inside ``field`` (position 0 when truncation cut it away), plus the offsets, the field's text
+    inside ``field`` (at ``answer_starts[0]``, else its first occurrence there; position 0 when
+    truncation cut it away or it is not there), plus the offsets, the field's text
     and all gold answers. ``enc`` must come from ``encode(row, offsets_field=field)``."""
     answers = [str(a) for a in row.get("answers") or []]
     start = end = 0
-    if answers and row.get("answer_starts") and row["answer_starts"][0] is not None and row["answer_starts"][0] >= 0:
-        a, b = row["answer_starts"][0], row["answer_starts"][0] + len(answers[0])
+    starts = row.get("answer_starts") or [None]
+    # a file without character starts (a user's csv/jsonl): the answer's first occurrence in the field
+    first = starts[0] if starts[0] is not None and starts[0] >= 0 else (str(row[field]).find(answers[0]) if answers else -1)
+    if answers and first >= 0:
+        a, b = first, first + len(answers[0])
         inside = [p for p, (x, y) in enc.offsets.items() if x < b and y > a]
         if inside:
             start, end = min(inside), max(inside)

@@ -20,7 +20,7 @@ class DataError(ValueError):
 
 def _read_delimited(path: Path, src: SplitSource, delimiter: str) -> list[dict]:
     rows = []
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Excel's "CSV UTF-8") is not text
         reader = csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE)
         header = src.columns
         for lineno, values in enumerate(reader, start=1):
@@ -37,7 +37,7 @@ def _read_delimited(path: Path, src: SplitSource, delimiter: str) -> list[dict]:
 
 def _read_jsonl(path: Path, src: SplitSource) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -90,7 +90,7 @@ def _read_semeval(path: Path, src: SplitSource) -> list[dict]:
     """SemEval-2010 Task 8 release files: ``id<TAB>"sentence"``, then the label, a comment and a blank
     line. CRLF and LF both work. The sentence keeps its ``<e1>``/``<e2>`` tags."""
     rows = []
-    with open(path, encoding="utf-8", newline=None) as f:
+    with open(path, encoding="utf-8-sig", newline=None) as f:
         lines = [line.rstrip("\n") for line in f]
     i = 0
     while i < len(lines):
@@ -173,7 +173,7 @@ def _read_squad(path: Path, src: SplitSource) -> list[dict]:
 
 def _read_json_object(path: Path):
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             return json.load(f)
     except json.JSONDecodeError as err:
         raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
@@ -241,6 +241,8 @@ def read_split(src: SplitSource, data_dir: str | Path, split: str, required: lis
         if "label" in row and src.label_map:
             row["label"] = src.label_map.get(str(row["label"]), row["label"])
         row.setdefault("id", f"{split}-{index}")
+        if row.get("answers") is not None:
+            normalize_answers(row, origin)
         out.append(row)
     missing = [c for c in required if c not in out[0]]
     if missing:
@@ -251,6 +253,45 @@ def read_split(src: SplitSource, data_dir: str | Path, split: str, required: lis
             raise DataError(f"{origin}: row {index} (id {row['id']!r}) has no {', '.join(missing)}; "
                             f"every row needs {', '.join(required)}")
     return out
+
+
+def normalize_answers(row: dict, origin: str) -> None:
+    """A QA row's ``answers`` as a list of strings, in place. Accepts a list, one string (a csv
+    column; a JSON list written into it is read as that list), or the hub's SQuAD shape
+    ``{"text": [...], "answer_start": [...]}``, whose starts become ``answer_starts``."""
+    answers = row["answers"]
+    if isinstance(answers, dict):
+        if "text" not in answers:
+            raise DataError(f"{origin} (id {row['id']!r}): 'answers' is an object without 'text' "
+                            f"(keys {sorted(answers)}); expected a list of answer strings or {{'text': [...], 'answer_start': [...]}}")
+        if answers.get("answer_start") is not None and row.get("answer_starts") is None:
+            row["answer_starts"] = list(answers["answer_start"])
+        answers = answers["text"]
+    if isinstance(answers, str):
+        text = answers.strip()
+        if text.startswith("["):
+            try:
+                answers = json.loads(text)
+            except json.JSONDecodeError:
+                answers = [answers]
+        else:
+            answers = [answers]
+    if not isinstance(answers, (list, tuple)) or not all(isinstance(a, (str, int, float)) for a in answers):
+        raise DataError(f"{origin} (id {row['id']!r}): 'answers' must be a list of answer strings, got {answers!r}")
+    row["answers"] = [str(a) for a in answers]
+    starts = row.get("answer_starts")
+    if isinstance(starts, str):  # a csv column: "13" or "[13, 40]"
+        try:
+            starts = json.loads(starts) if starts.strip() else None
+        except json.JSONDecodeError:
+            starts = "?"
+    if isinstance(starts, int):
+        starts = [starts]
+    if starts is not None and not (isinstance(starts, (list, tuple)) and all(isinstance(x, int) for x in starts)):
+        raise DataError(f"{origin} (id {row['id']!r}): 'answer_starts' must be character offsets (a list of integers), "
+                        f"got {row['answer_starts']!r}")
+    if starts is not None:
+        row["answer_starts"] = list(starts)
 
 
 def read_label_words(path: Path) -> dict[str, list[str]]:

@@ -250,3 +250,13 @@ def test_eval_splits_shard_without_repeats_only_under_plain_ddp(make_data, tiny)
         assert not isinstance(sampler(DDPStrategy(), "predict"), EvalSampler)
     finally:
         dm.trainer = None
+
+
+def test_predict_is_not_capped(tiny, data_dir):
+    """``max_eval_samples`` caps what is scored; ``predict`` (the test split unless a predict file is
+    set) still writes a prediction for every example."""
+    from datamodules import ClassificationDataModule
+
+    dm = ClassificationDataModule(task="sst2", backbone=tiny("llama"), data_dir=data_dir, max_eval_samples=100)
+    rows = dm.load_rows(["test", "predict"])
+    assert len(rows["test"]) == 100 and len(rows["predict"]) == 1821

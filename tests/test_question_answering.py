@@ -45,6 +45,63 @@ def test_squad_shaped_user_file_without_ids_or_answer_starts(tmp_path):
         read_split(SplitSource(file=str(path)), "", "test", ["context", "question", "answers"])
 
 
+@pytest.mark.parametrize("fmt", ["csv", "jsonl_string", "jsonl_hub", "csv_json_list"])
+def test_answers_in_other_shapes_become_lists(fmt, tmp_path):
+    """A csv column holds one answer (or a JSON list); a hub/``to_json`` row holds SQuAD's
+    ``{"text": [...], "answer_start": [...]}``: all become a list of answer strings, never its characters
+    or the dict's keys."""
+    from datamodules.readers import DataError
+    from tasks.spec import SplitSource
+
+    context = "The film was great and long."
+    if fmt.startswith("csv"):
+        answer = '"[""great"", ""long""]"' if fmt == "csv_json_list" else "great"
+        path = tmp_path / "qa.csv"
+        path.write_text(f"context,question,answers,answer_starts\n{context.replace(',', '')},How was it?,{answer},13\n")
+    else:
+        answers = "great" if fmt == "jsonl_string" else {"text": ["great"], "answer_start": [13]}
+        path = tmp_path / "qa.jsonl"
+        path.write_text(json.dumps({"context": context, "question": "How was it?", "answers": answers}) + "\n")
+    row = read_split(SplitSource(file=str(path)), "", "train", ["context", "question", "answers"])[0]
+    assert row["answers"] == (["great", "long"] if fmt == "csv_json_list" else ["great"])
+    if fmt != "jsonl_string":
+        assert row["answer_starts"] == [13]
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"context": context, "question": "q", "answers": {"start": 1}}) + "\n")
+    with pytest.raises(DataError, match="bad.jsonl .id 'train-0'.: 'answers' is an object without 'text'"):
+        read_split(SplitSource(file=str(path)), "", "train", ["context", "question", "answers"])
+
+
+def test_extractive_span_without_answer_starts(tiny, tmp_path):
+    """A user file with answers but no character starts: the span is the answer's first occurrence
+    in the context, not "no answer" at position 0."""
+    from datamodules import QuestionAnsweringDataModule
+
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps({"context": "The film was great and long.", "question": "How was it?",
+                                "answers": ["great"]}) + "\n")
+    dm = QuestionAnsweringDataModule(task="squad", backbone=tiny("bert"), train_file=str(path), validation_file=str(path),
+                                     test_file=str(path), format="jsonl")
+    dm.setup("fit")
+    item = dm.datasets["train"][0]
+    start, end = item["span"]
+    assert start > 0
+    a, b = item["offsets"][start][0], item["offsets"][end][1]
+    assert item["context"][a:b] == "great"
+
+
+def test_byte_order_mark_is_not_text(tmp_path):
+    """Excel's "CSV UTF-8" starts the file with a byte-order mark: not part of the first column's name or value."""
+    from tasks.spec import SplitSource
+
+    for name, text, columns in (("h.csv", "sentence,label\nhello,1\n", None), ("n.tsv", "hello\t1\n", ["sentence", "label"]),
+                                ("j.jsonl", '{"sentence": "hello", "label": "1"}\n', None)):
+        path = tmp_path / name
+        path.write_bytes(("\ufeff" + text).encode("utf-8"))
+        rows = read_split(SplitSource(file=str(path), columns=columns), "", "train", ["sentence", "label"])
+        assert rows[0]["sentence"] == "hello", name
+
+
 @pytest.mark.parametrize("pred,golds,em,f1", [
     ("the Denver Broncos", ["Denver Broncos"], 1.0, 1.0),          # article and case dropped
     ("Denver Broncos!", ["Denver Broncos", "Broncos"], 1.0, 1.0),  # punctuation dropped
