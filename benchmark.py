@@ -166,6 +166,8 @@ def cell_config(grid: dict, cell: dict, cell_dir: Path) -> tuple[dict, str]:
             data["template"] = re.sub(r"\s*\{soft(:\d+)?\}", "", data["template"]).strip()
             if slots:  # leave the tokens they held out of the text's budget, as they are out of ours
                 data["max_length"] = data.get("max_length", DEFAULT_MAX_LENGTH) - slots
+    from prompt_methods.callbacks import wandb_offline
+
     trainer = cfg.setdefault("trainer", {})
     trainer.update({
         "max_steps": budget["steps"], "val_check_interval": budget["steps"], "check_val_every_n_epoch": None,
@@ -173,7 +175,7 @@ def cell_config(grid: dict, cell: dict, cell_dir: Path) -> tuple[dict, str]:
         "logger": {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {
             "project": grid.get("wandb_project", "promptlit"), "save_dir": str(cell_dir), "group": grid["name"],
             "name": cell["key"], "tags": sorted({grid["name"], cell["task"], cell["method"], cell["impl"]}),
-            "offline": "WANDB_API_KEY" not in os.environ}},
+            "offline": wandb_offline()}},
         "callbacks": [
             {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
                 "dirpath": str(cell_dir / "checkpoints"), "monitor": "val/score", "mode": "max", "save_top_k": 1}},
@@ -247,7 +249,7 @@ def run_cell(grid: dict, cell: dict, out: Path) -> dict:
 
 
 #: config keys that are not part of the experiment: the cell's own folder, which may move with the
-#: output folder, and whether W&B logs offline (it follows WANDB_API_KEY)
+#: output folder, and whether W&B logs offline (it follows WANDB_MODE, WANDB_API_KEY or a stored login)
 LOCAL_KEYS = frozenset({"save_dir", "dirpath", "offline"})
 
 
@@ -437,7 +439,9 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
     parser.add_argument("--cell", help=argparse.SUPPRESS)
     parser.add_argument("--grid-json", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if "WANDB_API_KEY" not in os.environ:
+    from prompt_methods.callbacks import wandb_offline
+
+    if wandb_offline():
         os.environ.setdefault("WANDB_MODE", "offline")
     if args.cell:  # a child process runs one cell
         grid, cell = json.loads(args.grid_json), json.loads(args.cell)

@@ -18,7 +18,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from datamodules.readers import DataError
 from prompt_methods.backbone import BackboneError
-from prompt_methods.callbacks import LoggedSaveConfig
+from prompt_methods.callbacks import LoggedSaveConfig, wandb_offline
 from prompt_methods.checkpointing import CheckpointError, check_checkpoint_file
 from prompt_methods.peft_format import AdapterError
 from tasks.spec import TaskError
@@ -157,7 +157,7 @@ def default_trainer() -> dict:
     return {
         "logger": {
             "class_path": "lightning.pytorch.loggers.WandbLogger",
-            "init_args": {"project": "promptlit", "save_dir": "outputs", "offline": "WANDB_API_KEY" not in os.environ},
+            "init_args": {"project": "promptlit", "save_dir": "outputs", "offline": wandb_offline()},
         },
     }
 
@@ -238,7 +238,7 @@ def export(args: list[str]):
 
 
 def main(args: list[str] | None = None) -> PromptCLI:
-    if "WANDB_API_KEY" not in os.environ:
+    if wandb_offline():
         os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     given = sys.argv[1:] if args is None else args

@@ -14,6 +14,7 @@ model folder under the cache (``$PROMPTLIT_CACHE``, default
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -95,12 +96,25 @@ def _package_dir(spec: PackagedModel, alias: str) -> Path:
     return Path(list(found.submodule_search_locations)[0]) / spec.subdir
 
 
+@functools.lru_cache(maxsize=8)
+def _content_digest(path: str, size: int, mtime_ns: int) -> str:
+    """A key for a model file's content: its size and its first and last MiB. Not its path or
+    modification time, which every fresh install of the package changes (each would convert anew and
+    leave another half-gigabyte folder behind). Hashed once per process for a file as it stands."""
+    chunk = 1 << 20
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(chunk))
+        f.seek(max(0, size - chunk))
+        digest.update(f.read(chunk))
+    return digest.hexdigest()[:12]
+
+
 def _convert_gguf(src_dir: Path, gguf_file: str, alias: str) -> Path:
     """Dequantize a GGUF file once into ``cache_dir()/models/<alias>-<digest>`` and return that folder."""
     gguf_path = src_dir / gguf_file
     stat = gguf_path.stat()
-    digest = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = cache_dir() / "models" / f"{alias}-{digest}"
+    target = cache_dir() / "models" / f"{alias}-{_content_digest(str(gguf_path), stat.st_size, stat.st_mtime_ns)}"
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -13,12 +13,22 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.cli import SaveConfigCallback
 
 
+def umask_mode(mode: int = 0o666) -> int:
+    """``mode`` less the process's umask: what ``open`` would give a new file (``0o777`` for a folder).
+    ``mkstemp``/``mkdtemp`` make their files private (0600/0700) whatever the umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a file so that a crash leaves either the old file or the whole new one."""
+    """Write a file so that a crash leaves either the old file or the whole new one; it gets the
+    permissions a plain write would (readable by colleagues under the usual umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(fd, umask_mode())
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -27,6 +37,25 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def wandb_offline() -> bool:
+    """Whether runs log to W&B offline: yes when ``WANDB_MODE`` says offline (or disabled); no when it
+    says online, when ``WANDB_API_KEY`` is set, or when ``wandb login`` stored a key (in the netrc
+    file, for ``WANDB_BASE_URL``'s host); otherwise offline, so that nothing waits on the network."""
+    import netrc
+    from urllib.parse import urlparse
+
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode in ("offline", "dryrun", "disabled"):
+        return True
+    if mode == "online" or os.environ.get("WANDB_API_KEY"):
+        return False
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is None
+    except (OSError, netrc.NetrcParseError):
+        return True
 
 
 def run_dir(trainer) -> Path:

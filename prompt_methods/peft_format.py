@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from prompt_methods.callbacks import atomic_write_text
+from prompt_methods.callbacks import atomic_write_text, umask_mode
 
 #: the two files of a PEFT adapter folder
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -106,7 +106,9 @@ def export_adapter(module, out_dir: str | Path, template: str | None = None) -> 
     # rename), and in an existing one each file is replaced whole, the weights an instant before the config
     stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
+        stage.chmod(umask_mode(0o777))  # mkdtemp's folder is private; the adapter is to be shared
         save_file(tensors, str(stage / WEIGHTS), metadata={"format": "pt"})
+        (stage / WEIGHTS).chmod(umask_mode())  # safetensors writes it private
         atomic_write_text(stage / CONFIG, config)
         with open(stage / WEIGHTS, "rb") as f:
             os.fsync(f.fileno())

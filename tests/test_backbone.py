@@ -189,3 +189,25 @@ def test_a_head_readout_leaves_no_trainable_weight_without_a_gradient(readout, t
     model.loss(batch)[0].backward()
     assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
     assert any(p.requires_grad for p in model.backbone.base_model.encoder.parameters())  # the backbone still tunes
+
+
+def test_converted_gguf_is_keyed_by_content_not_path_or_mtime(tmp_path):
+    """A reinstalled package (same file, new path and modification time) reuses the converted folder;
+    a different file does not."""
+    import os
+
+    from prompt_methods.backbone import _content_digest
+
+    data = os.urandom(3 << 20)
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    a.write_bytes(data)
+    b.write_bytes(data)
+    os.utime(b, ns=(1, 1))
+
+    def key(path):
+        st = path.stat()
+        return _content_digest(str(path), st.st_size, st.st_mtime_ns)
+
+    assert key(a) == key(b)
+    b.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit in the last MiB
+    assert key(a) != key(b)

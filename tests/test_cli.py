@@ -210,3 +210,25 @@ def test_lr_scheduler_without_optimizer_is_refused(tiny, family_files, tmp_path,
             "--trainer.fast_dev_run", "true", "--lr_scheduler", "torch.optim.lr_scheduler.StepLR", "--lr_scheduler.step_size", "1"]
     with pytest.raises(ValueError, match="lr_scheduler: takes effect only with --optimizer"):
         run_cli(args, "fit", monkeypatch)
+
+
+@pytest.mark.parametrize("env,netrc_key,offline", [
+    ({}, False, True),                                  # nothing: offline, nothing waits on the network
+    ({}, True, False),                                  # `wandb login` stored a key
+    ({"WANDB_API_KEY": "x" * 40}, False, False),
+    ({"WANDB_MODE": "online"}, False, False),           # asked for
+    ({"WANDB_MODE": "offline", "WANDB_API_KEY": "x" * 40}, True, True),
+])
+def test_wandb_goes_online_with_a_key_or_when_asked(env, netrc_key, offline, tmp_path, monkeypatch):
+    from prompt_methods.callbacks import wandb_offline
+
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    rc = tmp_path / "netrc"
+    rc.write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n" if netrc_key else "")
+    rc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(rc))
+    assert wandb_offline() is offline
+    assert train.default_trainer()["logger"]["init_args"]["offline"] is offline

@@ -4,6 +4,8 @@ adapter loads here with the same logits (soft prompt, prefix, P-tuning), on a ti
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -160,8 +162,14 @@ def test_export_into_a_file_new_folder_or_earlier_export(tiny, tmp_path):
     soft = trained(SoftPrompt(backbone=path, verbalizer=VERB, num_virtual_tokens=2, init="random"))
     with pytest.raises(AdapterError, match=r"--out_dir: .*afile is a file, not a folder"):
         export_adapter(soft, tmp_path / "afile")
-    out = export_adapter(soft, tmp_path / "nested" / "adapter")
+    old = os.umask(0o022)
+    try:  # the folder and files get what a plain write would, not mkdtemp's/mkstemp's private modes
+        out = export_adapter(soft, tmp_path / "nested" / "adapter")
+    finally:
+        os.umask(old)
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}
     (out / "NOTES.md").write_text("mine")
     other = trained(SoftPrompt(backbone=path, verbalizer=VERB, num_virtual_tokens=3, init="random"))
     export_adapter(other, out)
