@@ -16,6 +16,7 @@ and the sampler then starts after those batches instead of replaying the epoch f
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Callable
 
@@ -51,7 +52,7 @@ class BucketSampler(DistributedSampler):
         return iter(order[self.rank::self.num_replicas][start:])
 
     def _order(self) -> list[int]:
-        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         order = torch.randperm(len(self.lengths), generator=gen).tolist()
         size = self.batch_size * self.pool
         batches = []
@@ -61,6 +62,15 @@ class BucketSampler(DistributedSampler):
         # only the last pool can end in a short batch; it stays last so the loader's batches line up with these
         last = batches.pop() if batches and len(batches[-1]) < self.batch_size else []
         return [i for b in torch.randperm(len(batches), generator=gen).tolist() for i in batches[b]] + last
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The shuffling seed of an epoch: ``seed`` itself for the first, then a hash of both. Not
+    ``seed + epoch``, under which seed 42's second epoch is seed 43's first, so runs over several seeds
+    share their orders, one epoch apart."""
+    if epoch == 0:
+        return seed
+    return int.from_bytes(hashlib.sha256(f"{seed}:{epoch}".encode()).digest()[:8], "little") >> 1
 
 
 class ResumableLoader(DataLoader):

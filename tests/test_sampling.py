@@ -36,6 +36,14 @@ def test_bucket_sampler_is_seeded_and_changes_per_epoch():
     assert first == list(b) == list(a)  # same seed and epoch, same order
     a.set_epoch(1)  # what Lightning calls every epoch
     assert list(a) != first and sorted(a) == sorted(first)
+    # another seed's epochs are not this seed's shifted by one (seed 3's second epoch is not seed 4's first)
+    orders = {(seed, epoch): None for seed in (2, 3, 4) for epoch in range(3)}
+    for seed, epoch in orders:
+        sampler = BucketSampler(lengths, 4, seed=seed)
+        sampler.set_epoch(epoch)
+        orders[seed, epoch] = tuple(sampler)
+    assert len(set(orders.values())) == len(orders)
+    assert orders[3, 0] == tuple(first)  # a run's first epoch keeps the order it always had
 
 
 def test_bucket_sampler_shards_global_batches_across_processes():
