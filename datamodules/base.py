@@ -11,10 +11,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from datamodules.collate import pad_batch
-from datamodules.encoding import TemplateTokenizer, answer_span, generation_target, tokenize_label_words
+from datamodules.encoding import Encoded, TemplateTokenizer, answer_span, generation_target, tokenize_label_words
 from datamodules.readers import READERS, DataError, read_label_words, read_split
 from datamodules.sampling import BucketSampler, EvalSampler, ResumableLoader, by_length
 from prompt_methods.backbone import load_tokenizer, resolve_kind
@@ -143,6 +144,7 @@ class PromptDataModule(L.LightningDataModule):
         self.verbalizer = tokenize_label_words(self.tokenizer, self.template, self.labels, self.spec.label_words, self.kind)
         mask_tokens = max((len(w) for words in self.verbalizer for w in words), default=1)
         self.encoder = TemplateTokenizer(self.tokenizer, self.template, self.kind, max_length, mask_tokens)
+        self.answers_kept = 0  # training rows whose context was moved to keep the answer (``_keep_answer``)
         self.datasets: dict[str, list[dict]] = {}
 
     @property
@@ -262,6 +264,8 @@ class PromptDataModule(L.LightningDataModule):
         its answer: a label index, target ids to generate, or a token span (encoder backbones)."""
         span_field = self.spec.span_field if self.text_answers and self.extractive else None
         enc = self.encoder.encode(row, offsets_field=span_field)
+        if split == "train" and self.text_answers and row.get("answers") and len(enc.input_ids) >= self.encoder.max_length:
+            row, enc = self._keep_answer(row, enc, span_field)
         item = {"id": str(row["id"]), "input_ids": enc.input_ids, "soft_index": enc.soft_index, "answer_pos": enc.answer_pos}
         if self.text_answers and split != "predict" and not row.get("answers"):
             raise DataError(f"{split} split of {self._source_of(split)} ({row['id']}): 'answers' is empty; unanswerable "
@@ -276,6 +280,52 @@ class PromptDataModule(L.LightningDataModule):
         elif not self.text_answers and (split != "predict" or "label" in row):
             item["label"] = self.label_index(row, f"{split} split of {self._source_of(split)}")
         return item
+
+    def _answer_end(self, row: dict) -> int | None:
+        """Where the first gold answer ends in the context, in characters (None where it is not there)."""
+        context, answer = str(row.get(self.spec.span_field, "")), str(row["answers"][0])
+        starts = row.get("answer_starts") or [None]
+        first = starts[0] if starts[0] is not None and starts[0] >= 0 else context.find(answer)
+        return None if first < 0 or not answer else first + len(answer)
+
+    def _kept_until(self, row: dict) -> tuple[Encoded, int]:
+        """The row encoded with the context's offsets, and how far into the context its kept tokens reach."""
+        enc = self.encoder.encode(row, offsets_field=self.spec.span_field)
+        return enc, max((b for _, b in enc.offsets.values()), default=0)
+
+    def _keep_answer(self, row: dict, enc: Encoded, span_field: str | None) -> tuple[dict, Encoded]:
+        """A training row whose context ``max_length`` cut before its answer: the context starts later
+        (at a word), as little as keeps the answer, so the model is not trained to answer from text it
+        was not shown (SQuAD at max_length 384: about 1% of the questions). Evaluation rows are never moved."""
+        end = self._answer_end(row)
+        field = self.spec.span_field
+        if end is None:
+            return row, enc
+        try:
+            _, kept = self._kept_until(row)
+        except (NotImplementedError, ValueError, TypeError):  # a tokenizer without offsets: leave the row
+            return row, enc
+        if kept >= end:
+            return row, enc
+        context = str(row[field])
+        cuts = [0] + [i for i in range(1, end) if context[i - 1].isspace() and not context[i].isspace()]
+        lo, hi, best = 0, len(cuts) - 1, None
+        while lo <= hi:  # the smallest cut that keeps the answer
+            mid = (lo + hi) // 2
+            cut = cuts[mid]
+            moved = {**row, field: context[cut:]}
+            if row.get("answer_starts"):
+                moved["answer_starts"] = [s - cut if s is not None and s >= cut else -1 for s in row["answer_starts"]]
+            trial, reach = self._kept_until(moved)
+            if reach + cut >= end:
+                best, hi = (moved, trial), mid - 1
+            else:
+                lo = mid + 1
+        if best is None:  # the answer alone is longer than the budget
+            return row, enc
+        self.answers_kept += 1
+        moved, trial = best
+        return moved, (trial if span_field else self.encoder.encode(moved))
 
     @property
     def extractive(self) -> bool:
@@ -293,7 +343,12 @@ class PromptDataModule(L.LightningDataModule):
             return
         for split, rows in self.load_rows(missing).items():
             if split in missing:
+                before = self.answers_kept
                 self.datasets[split] = [self.encode_row(r, split) for r in rows]
+                if self.answers_kept > before:
+                    rank_zero_info(f"data: {self.answers_kept - before} of {len(rows)} {split} examples had their answer cut off by "
+                                   f"data.init_args.max_length={self.encoder.max_length}; their context starts later, "
+                                   "so that the answer stays in it")
 
     # ------------------------------------------------------------------ batches
     def collate(self, items: list[dict]) -> dict:

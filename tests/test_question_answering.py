@@ -90,6 +90,33 @@ def test_extractive_span_without_answer_starts(tiny, tmp_path):
     assert item["context"][a:b] == "great"
 
 
+@pytest.mark.parametrize("arch", ["llama", "bert"])  # generated answers, extracted spans
+def test_training_context_moves_to_keep_a_cut_answer(arch, tiny, tmp_path):
+    """A training row whose answer ``max_length`` would cut off gets a context that starts later, so
+    the answer is in the prompt it is trained on; evaluation rows are cut as they are."""
+    from datamodules import QuestionAnsweringDataModule
+
+    filler = " ".join(f"word{i}" for i in range(60))
+    context = f"{filler} The film was great and long."
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps({"context": context, "question": "How was it?", "answers": ["great"],
+                                "answer_starts": [context.index("great")]}) + "\n")
+    dm = QuestionAnsweringDataModule(task="squad", backbone=tiny(arch), train_file=str(path), validation_file=str(path),
+                                     test_file=str(path), format="jsonl", max_length=48)
+    dm.setup("fit")
+    train, val = dm.datasets["train"][0], dm.datasets["validation"][0]
+    assert dm.answers_kept == 1
+    assert len(train["input_ids"]) <= 48
+    if arch == "bert":
+        (start, end), (vstart, _) = train["span"], val["span"]
+        assert train["context"][train["offsets"][start][0]:train["offsets"][end][1]] == "great"
+        assert vstart == 0  # evaluation: cut away, as it is
+    else:
+        text = lambda item: dm.tokenizer.decode(item["input_ids"])  # noqa: E731
+        assert "great" in text(train) and "great" not in text(val)
+        assert "word0 " not in text(train) and "word0 " in text(val)
+
+
 def test_byte_order_mark_is_not_text(tmp_path):
     """Excel's "CSV UTF-8" starts the file with a byte-order mark: not part of the first column's name or value."""
     from tasks.spec import SplitSource
