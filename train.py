@@ -14,7 +14,7 @@ import re
 import sys
 from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from datamodules.readers import DataError
 from prompt_methods.backbone import BackboneError
@@ -53,6 +53,54 @@ def named_error(err: BaseException) -> BaseException | None:
             return current
         current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
     return None
+
+
+def config_error(message: str) -> str:
+    """jsonargparse's message about a config (a union dump of every subtype it tried) as one line that
+    names the key at fault and, for a misspelled option or class, the nearest valid one."""
+    import difflib
+    import importlib
+    import inspect
+
+    key = re.match(r'Parser key "([^"]+)"', message)
+    where = key.group(1) if key else "config"
+    option = re.search(r"Option '([^']+)' is not accepted", message)
+    class_path = re.search(r"class_path '([^']+)'", message)
+    if option and class_path:
+        module, _, name = class_path.group(1).rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+            valid = {p for c in inspect.getmro(cls) if "__init__" in vars(c)
+                     for p in inspect.signature(c.__init__).parameters if p not in ("self", "args", "kwargs")}
+        except (ImportError, AttributeError, TypeError, ValueError):
+            valid = set()
+        near = difflib.get_close_matches(option.group(1), sorted(valid), n=1)
+        hint = f"; did you mean '{near[0]}'?" if near else ""
+        return f"{where}.init_args.{option.group(1)}: {name} takes no such option{hint}"
+    missing = re.search(r"module '([^']+)' has no attribute '([^']+)'", message)
+    if missing and class_path:
+        module = importlib.import_module(missing.group(1))
+        near = difflib.get_close_matches(missing.group(2), [n for n in dir(module) if inspect.isclass(getattr(module, n))], n=1)
+        hint = f"; did you mean '{missing.group(1)}.{near[0]}'?" if near else ""
+        return f"{where}.class_path: '{class_path.group(1)}' is not a class in {missing.group(1)}{hint}"
+    if where == "config" and key:  # --config: the file
+        return "--config: " + message[key.end():].strip(" :")
+    lines = [line.strip(" -") for line in message.splitlines() if line.strip()]
+    # the most specific line: the first one under "Errors:" that is not the None alternative
+    detail = next((line for line in lines[1:] if not line.startswith(("Does not validate", "Subtypes", "Errors", "Expected a <class 'NoneType'>",
+                                                                       "Given value", "Problem with given"))), "")
+    return f"{lines[0]} {detail}".strip() if detail and key else lines[0] if lines else message
+
+
+class OneLineErrorParser(LightningArgumentParser):
+    """A parser whose errors are one ``error:`` line (:func:`config_error`), not the usage block and
+    jsonargparse's union dump; ``--help`` still shows the usage."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
+            return super().error(message, ex)
+        sys.stderr.write(f"error: {config_error(message)} (train.py <command> --help lists the options)\n")
+        self.exit(2)
 
 
 class PromptCLI(LightningCLI):
@@ -257,6 +305,7 @@ def _cli(args: list[str] | None, run: bool = True) -> PromptCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_callback=LoggedSaveConfig,
+        parser_class=OneLineErrorParser,
         save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
         trainer_defaults=default_trainer(),
         args=args,

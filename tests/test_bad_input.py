@@ -183,6 +183,23 @@ def test_command_line_shows_one_line_not_a_traceback(tiny, family_files, tmp_pat
     assert proc.stderr.strip().splitlines()[-1].startswith("error: data.init_args.template: unknown placeholder")
 
 
+@pytest.mark.parametrize("extra,expected", [
+    (["--model.init_args.num_virtual_token", "4"],
+     "error: model.init_args.num_virtual_token: SoftPrompt takes no such option; did you mean 'num_virtual_tokens'?"),
+    (["--model", "prompt_methods.SoftPrompts"],
+     "error: model.class_path: 'prompt_methods.SoftPrompts' is not a class in prompt_methods; did you mean 'prompt_methods.SoftPrompt'?"),
+    (["--config", "configs/sst2/soft_promt.yaml"], "error: --config: File does not exist: "),
+])
+def test_misspelled_option_class_or_config_is_one_line(extra, expected):
+    """The first mistakes a new user makes: one line naming the key and the nearest valid one, not the
+    usage block and jsonargparse's dump of every union member it tried."""
+    proc = subprocess.run([sys.executable, "train.py", "fit", "--config", SOFT, *extra], cwd=ROOT, capture_output=True,
+                          text=True, env={**__import__("os").environ, "WANDB_MODE": "offline"}, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), proc.stderr[-2000:]
+
+
 def test_unanswerable_question_is_a_clear_error(tiny, tmp_path):
     """SQuAD 2.0-style rows (no answers) would otherwise give a batch without targets and an empty max()."""
     from datamodules import QuestionAnsweringDataModule
