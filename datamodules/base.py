@@ -144,7 +144,7 @@ class PromptDataModule(L.LightningDataModule):
         self.verbalizer = tokenize_label_words(self.tokenizer, self.template, self.labels, self.spec.label_words, self.kind)
         mask_tokens = max((len(w) for words in self.verbalizer for w in words), default=1)
         self.encoder = TemplateTokenizer(self.tokenizer, self.template, self.kind, max_length, mask_tokens)
-        self.answers_kept = 0  # training rows whose context was moved to keep the answer (``_keep_answer``)
+        self.rows_moved = 0  # rows whose text starts later to keep what truncation would cut (``must_keep``)
         self.datasets: dict[str, list[dict]] = {}
 
     @property
@@ -264,8 +264,9 @@ class PromptDataModule(L.LightningDataModule):
         its answer: a label index, target ids to generate, or a token span (encoder backbones)."""
         span_field = self.spec.span_field if self.text_answers and self.extractive else None
         enc = self.encoder.encode(row, offsets_field=span_field)
-        if split == "train" and self.text_answers and row.get("answers") and len(enc.input_ids) >= self.encoder.max_length:
-            row, enc = self._keep_answer(row, enc, span_field)
+        keep = self.must_keep(row, split) if len(enc.input_ids) >= self.encoder.max_length else None
+        if keep:
+            row, enc = self._keep(row, enc, *keep, span_field)
         item = {"id": str(row["id"]), "input_ids": enc.input_ids, "soft_index": enc.soft_index, "answer_pos": enc.answer_pos}
         if self.text_answers and split != "predict" and not row.get("answers"):
             raise DataError(f"{split} split of {self._source_of(split)} ({row['id']}): 'answers' is empty; unanswerable "
@@ -281,51 +282,58 @@ class PromptDataModule(L.LightningDataModule):
             item["label"] = self.label_index(row, f"{split} split of {self._source_of(split)}")
         return item
 
-    def _answer_end(self, row: dict) -> int | None:
-        """Where the first gold answer ends in the context, in characters (None where it is not there)."""
-        context, answer = str(row.get(self.spec.span_field, "")), str(row["answers"][0])
+    #: what :meth:`must_keep` keeps, in the message that counts the rows it moved
+    kept_what = "the answer"
+
+    def must_keep(self, row: dict, split: str) -> tuple[str, int, int] | None:
+        """What truncation must not cut from ``row``: (field, start, end) of the characters that must stay
+        in the prompt, or None. Here: a training question's first gold answer in
+        its context (SQuAD at max_length 384: 7 of 6,637); evaluation rows are cut as they are, since
+        moving their context would need the gold answer."""
+        if split != "train" or not self.text_answers or not row.get("answers"):
+            return None
+        field = self.spec.span_field
+        context, answer = str(row.get(field, "")), str(row["answers"][0])
         starts = row.get("answer_starts") or [None]
         first = starts[0] if starts[0] is not None and starts[0] >= 0 else context.find(answer)
-        return None if first < 0 or not answer else first + len(answer)
+        return None if first < 0 or not answer else (field, first, first + len(answer))
 
-    def _kept_until(self, row: dict) -> tuple[Encoded, int]:
-        """The row encoded with the context's offsets, and how far into the context its kept tokens reach."""
-        enc = self.encoder.encode(row, offsets_field=self.spec.span_field)
+    def _reach(self, row: dict, field: str) -> tuple[Encoded, int]:
+        """The row encoded with ``field``'s offsets, and how far into ``field`` its kept tokens reach."""
+        enc = self.encoder.encode(row, offsets_field=field)
         return enc, max((b for _, b in enc.offsets.values()), default=0)
 
-    def _keep_answer(self, row: dict, enc: Encoded, span_field: str | None) -> tuple[dict, Encoded]:
-        """A training row whose context ``max_length`` cut before its answer: the context starts later
-        (at a word), as little as keeps the answer, so the model is not trained to answer from text it
-        was not shown (SQuAD at max_length 384: about 1% of the questions). Evaluation rows are never moved."""
-        end = self._answer_end(row)
-        field = self.spec.span_field
-        if end is None:
-            return row, enc
+    def _keep(self, row: dict, enc: Encoded, field: str, start: int, end: int,
+              offsets_field: str | None) -> tuple[dict, Encoded]:
+        """``row`` with ``field`` starting later (at a word, not after ``start``), as little as keeps
+        characters ``start..end`` in the prompt, where ``max_length`` would cut them (right truncation
+        keeps a field's beginning); ``enc`` re-encoded. Unchanged where nothing is lost, where that part
+        alone is longer than the budget, or for a tokenizer without offsets."""
         try:
-            _, kept = self._kept_until(row)
-        except (NotImplementedError, ValueError, TypeError):  # a tokenizer without offsets: leave the row
+            _, kept = self._reach(row, field)
+        except (NotImplementedError, ValueError, TypeError):
             return row, enc
         if kept >= end:
             return row, enc
-        context = str(row[field])
-        cuts = [0] + [i for i in range(1, end) if context[i - 1].isspace() and not context[i].isspace()]
+        text = str(row[field])
+        cuts = [0] + [i for i in range(1, start + 1) if text[i - 1].isspace() and not text[i].isspace()]
         lo, hi, best = 0, len(cuts) - 1, None
-        while lo <= hi:  # the smallest cut that keeps the answer
+        while lo <= hi:  # the smallest cut that keeps it
             mid = (lo + hi) // 2
             cut = cuts[mid]
-            moved = {**row, field: context[cut:]}
-            if row.get("answer_starts"):
+            moved = {**row, field: text[cut:]}
+            if row.get("answer_starts") and field == self.spec.span_field:
                 moved["answer_starts"] = [s - cut if s is not None and s >= cut else -1 for s in row["answer_starts"]]
-            trial, reach = self._kept_until(moved)
+            trial, reach = self._reach(moved, field)
             if reach + cut >= end:
                 best, hi = (moved, trial), mid - 1
             else:
                 lo = mid + 1
-        if best is None:  # the answer alone is longer than the budget
+        if best is None:
             return row, enc
-        self.answers_kept += 1
+        self.rows_moved += 1
         moved, trial = best
-        return moved, (trial if span_field else self.encoder.encode(moved))
+        return moved, (trial if offsets_field == field else self.encoder.encode(moved, offsets_field=offsets_field))
 
     @property
     def extractive(self) -> bool:
@@ -343,12 +351,12 @@ class PromptDataModule(L.LightningDataModule):
             return
         for split, rows in self.load_rows(missing).items():
             if split in missing:
-                before = self.answers_kept
+                before = self.rows_moved
                 self.datasets[split] = [self.encode_row(r, split) for r in rows]
-                if self.answers_kept > before:
-                    rank_zero_info(f"data: {self.answers_kept - before} of {len(rows)} {split} examples had their answer cut off by "
-                                   f"data.init_args.max_length={self.encoder.max_length}; their context starts later, "
-                                   "so that the answer stays in it")
+                if self.rows_moved > before:
+                    rank_zero_info(f"data: in {self.rows_moved - before} of {len(rows)} {split} examples "
+                                   f"data.init_args.max_length={self.encoder.max_length} would cut off {self.kept_what}; "
+                                   "their text starts later, so that it stays")
 
     # ------------------------------------------------------------------ batches
     def collate(self, items: list[dict]) -> dict:

@@ -58,6 +58,28 @@ class RelationExtractionDataModule(PromptDataModule):
     def required_columns(self, split: str) -> list[str]:
         return ["sentence"] + (["label"] if split != "predict" else [])
 
+    kept_what = "an entity marker"
+
+    def must_keep(self, row: dict, split: str) -> tuple[str, int, int] | None:
+        """Both marked entities stay in ``{text}`` whatever ``max_length`` cuts (in every split: where the
+        entities are is input, not the gold label)."""
+        if "{text}" not in self.template.source:
+            return None
+        o1, c1, o2, c2 = MARKERS[self.entity_markers]
+        text = row["text"]
+
+        def span_of(opening: str, closing: str, mention: str) -> tuple[int, int]:
+            at = text.find(opening) if opening else text.find(mention)
+            if at < 0:
+                return -1, -1
+            if not opening:
+                return at, at + len(mention)
+            close = text.find(closing, at + len(opening))
+            return (at, close + len(closing)) if close >= 0 else (-1, -1)
+
+        (a1, b1), (a2, b2) = span_of(o1, c1, row["e1"]), span_of(o2, c2, row["e2"])
+        return ("text", min(a1, a2), max(b1, b2)) if min(a1, a2) >= 0 else None
+
     def prepare_row(self, row: dict) -> dict:
         try:
             text, e1, e2 = mark_entities(str(row["sentence"]), self.entity_markers)

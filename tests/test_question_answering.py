@@ -105,7 +105,7 @@ def test_training_context_moves_to_keep_a_cut_answer(arch, tiny, tmp_path):
                                      test_file=str(path), format="jsonl", max_length=48)
     dm.setup("fit")
     train, val = dm.datasets["train"][0], dm.datasets["validation"][0]
-    assert dm.answers_kept == 1
+    assert dm.rows_moved == 1
     assert len(train["input_ids"]) <= 48
     if arch == "bert":
         (start, end), (vstart, _) = train["span"], val["span"]

@@ -118,3 +118,27 @@ def test_a_process_with_no_predictions_still_joins_the_gather(monkeypatch):
                              labels=["Other", "Cause-Effect(e1,e2)"], log=lambda k, v, **kw: logged.__setitem__(k, v))
     scoring.log_epoch_metric(module, "val", [])
     assert calls == [([], [])] and "val/score" in logged
+
+
+@pytest.mark.parametrize("style", ["brackets", "none"])
+def test_truncation_keeps_both_entities(style, tiny, tmp_path):
+    """A sentence whose entities sit past what max_length keeps starts later instead (in every split),
+    so both marked entities are in the prompt; a sentence that fits is left whole."""
+    import json
+
+    from datamodules import RelationExtractionDataModule
+
+    filler = " ".join(f"word{i}" for i in range(80))
+    rows = [{"sentence": f"{filler} the <e1>storm</e1> caused the <e2>flood</e2> .", "label": "Cause-Effect(e1,e2)"},
+            {"sentence": "The <e1>storm</e1> caused the <e2>flood</e2> .", "label": "Cause-Effect(e1,e2)"}]
+    path = tmp_path / "re.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dm = RelationExtractionDataModule(task="semeval", backbone=tiny("llama"), train_file=str(path), validation_file=str(path),
+                                      test_file=str(path), max_length=80, entity_markers=style)
+    dm.setup("test")
+    long, short = (dm.tokenizer.decode(item["input_ids"]) for item in dm.datasets["test"])
+    assert dm.rows_moved == 1
+    assert "storm" in long and "flood" in long and "word0 " not in long
+    if style == "brackets":
+        assert "[/E2]" in long
+    assert "The" in short and "flood" in short
