@@ -254,6 +254,11 @@ def _without_subcommand_keys(args: list[str]) -> tuple[list[str], list[str]]:
     return out, temps
 
 
+EXPORT_USAGE = ("usage: train.py export --config <config> --ckpt_path <checkpoint> --out_dir <folder>\n"
+                "  write a trained soft prompt, prefix or P-tuning prompt as a PEFT adapter folder "
+                "(adapter_config.json, adapter_model.safetensors)")
+
+
 def export(args: list[str]):
     """Load a checkpoint into the config's method and write it as a PEFT adapter folder."""
     import torch
@@ -291,7 +296,12 @@ def main(args: list[str] | None = None) -> PromptCLI:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     given = sys.argv[1:] if args is None else args
     if given[:1] == ["export"]:
+        if {"-h", "--help"} & set(given[1:]):
+            print(EXPORT_USAGE)
+            return None
         return export(given[1:])
+    if given[:1] in (["-h"], ["--help"]):
+        print(EXPORT_USAGE + "\n")  # export is ours, not a LightningCLI subcommand, so its help does not list it
     return _cli(args)
 
 

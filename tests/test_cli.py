@@ -232,3 +232,16 @@ def test_wandb_goes_online_with_a_key_or_when_asked(env, netrc_key, offline, tmp
     monkeypatch.setenv("NETRC", str(rc))
     assert wandb_offline() is offline
     assert train.default_trainer()["logger"]["init_args"]["offline"] is offline
+
+
+def test_help_lists_export_and_export_has_help(capsys):
+    """export is promptlit's own command beside LightningCLI's: the top-level help names it, and
+    ``export --help`` prints its usage instead of an error."""
+    assert train.main(["export", "--help"]) is None
+    out = capsys.readouterr().out
+    assert out.startswith("usage: train.py export --config") and "--ckpt_path" in out and "--out_dir" in out
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "train.py export" in out and "{fit,validate,test,predict}" in out
