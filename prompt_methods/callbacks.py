@@ -226,7 +226,7 @@ class LastCheckpoint(Callback):
         done = trainer.global_step == self._saved_step and (self._saved_after_validation or not after_validation)
         if done or trainer.sanity_checking or trainer.state.fn != "fit" or trainer.fast_dev_run:
             return  # Lightning writes no checkpoints in a fast_dev_run either
-        trainer.save_checkpoint(self._folder(trainer) / "last.ckpt")
+        trainer.save_checkpoint(self._folder(trainer) / "last.ckpt", weights_only=False)  # the whole state: it resumes a fit
         self._saved_step, self._saved_after_validation = trainer.global_step, after_validation
 
     def setup(self, trainer, pl_module, stage):
