@@ -44,7 +44,7 @@ class PromptDataModule(L.LightningDataModule):
         test_file: overrides the test split file.
         predict_file: file to run ``predict`` on; defaults to the test split.
         rename: column mapping for the override files (file column -> task field or ``label``).
-        format: reader of the override files: csv, tsv, json, jsonl, parquet, or one of the built-in
+        format: reader of the override files: csv, tsv, tsv_quoted (quoted fields), json, jsonl, parquet, or one of the built-in
             tasks' readers (squad, boolq, semeval, fewrel, trec) for files in those datasets' own
             shapes; default: from each file's extension.
         max_length: the most tokens in one prompt; only input fields are truncated.

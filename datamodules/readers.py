@@ -18,10 +18,13 @@ class DataError(ValueError):
     """A data file that is missing, empty or malformed."""
 
 
-def _read_delimited(path: Path, src: SplitSource, delimiter: str) -> list[dict]:
+def _read_delimited(path: Path, src: SplitSource, delimiter: str, quoted: bool | None = None) -> list[dict]:
+    """csv (quoted fields), tsv (GLUE's: quote characters are text) or, with ``quoted``, a tsv with
+    csv-style quoting (``format: tsv_quoted``, what pandas' ``to_csv(sep="\t")`` writes)."""
     rows = []
+    quoted = delimiter == "," if quoted is None else quoted
     with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Excel's "CSV UTF-8") is not text
-        reader = csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE)
+        reader = csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE)
         header = src.columns
         for lineno, values in enumerate(reader, start=1):
             if header is None:
@@ -30,7 +33,9 @@ def _read_delimited(path: Path, src: SplitSource, delimiter: str) -> list[dict]:
             if not values:
                 continue
             if len(values) != len(header):
-                raise DataError(f"{path}:{lineno}: expected {len(header)} columns {header}, found {len(values)}")
+                hint = (" (a tsv whose fields are quoted, as pandas writes them: data.init_args.format: tsv_quoted)"
+                        if not quoted and any(v.startswith('"') for v in values) else "")
+                raise DataError(f"{path}:{lineno}: expected {len(header)} columns {header}, found {len(values)}{hint}")
             rows.append(dict(zip(header, values)))
     return rows
 
@@ -182,6 +187,7 @@ def _read_json_object(path: Path):
 READERS: dict[str, Callable[[Path, SplitSource], list[dict]]] = {
     "csv": lambda p, s: _read_delimited(p, s, ","),
     "tsv": lambda p, s: _read_delimited(p, s, "\t"),
+    "tsv_quoted": lambda p, s: _read_delimited(p, s, "\t", quoted=True),
     "json": _read_json,
     "jsonl": _read_jsonl,
     "parquet": _read_parquet,

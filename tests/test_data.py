@@ -260,3 +260,18 @@ def test_predict_is_not_capped(tiny, data_dir):
     dm = ClassificationDataModule(task="sst2", backbone=tiny("llama"), data_dir=data_dir, max_eval_samples=100)
     rows = dm.load_rows(["test", "predict"])
     assert len(rows["test"]) == 100 and len(rows["predict"]) == 1821
+
+
+def test_quoted_tsv_as_pandas_writes_it(tmp_path):
+    """GLUE's tsv files keep quote characters as text; a tsv with quoted fields (pandas' default) is
+    ``format: tsv_quoted``, and the plain reader's column-count error says so."""
+    text = 'sentence\tlabel\n"he said ""wow"""\t1\n"a\ttab, inside"\t0\n'
+    path = tmp_path / "pandas.tsv"
+    path.write_text(text)
+    rows = read_split(SplitSource(file=str(path), format="tsv_quoted"), "", "train", ["sentence", "label"])
+    assert [(r["sentence"], r["label"]) for r in rows] == [('he said "wow"', "1"), ("a\ttab, inside", "0")]
+    with pytest.raises(DataError, match=r"pandas.tsv:3: expected 2 columns .* found 3 .*format: tsv_quoted"):
+        read_split(SplitSource(file=str(path)), "", "train", ["sentence", "label"])
+    glue = tmp_path / "glue.tsv"
+    glue.write_text('sentence\tlabel\n"quoted" text stays\t1\n')
+    assert read_split(SplitSource(file=str(glue)), "", "train", ["sentence", "label"])[0]["sentence"] == '"quoted" text stays'
