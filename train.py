@@ -62,10 +62,12 @@ def config_error(message: str) -> str:
     import importlib
     import inspect
 
-    key = re.match(r'Parser key "([^"]+)"', message)
-    where = key.group(1) if key else "config"
+    keys = re.findall(r'Parser key "([^"]+)"', message)
     option = re.search(r"Option '([^']+)' is not accepted", message)
     class_path = re.search(r"class_path '([^']+)'", message)
+    where = keys[0] if keys else ""
+    if len(keys) > 1:  # a key inside a class's init_args, or a nested group
+        where = f"{keys[0]}.init_args.{keys[-1]}" if class_path else ".".join(keys)
     if option and class_path:
         module, _, name = class_path.group(1).rpartition(".")
         try:
@@ -79,17 +81,24 @@ def config_error(message: str) -> str:
         return f"{where}.init_args.{option.group(1)}: {name} takes no such option{hint}"
     missing = re.search(r"module '([^']+)' has no attribute '([^']+)'", message)
     if missing and class_path:
-        module = importlib.import_module(missing.group(1))
-        near = difflib.get_close_matches(missing.group(2), [n for n in dir(module) if inspect.isclass(getattr(module, n))], n=1)
+        try:
+            names = [n for n, v in vars(importlib.import_module(missing.group(1))).items() if inspect.isclass(v)]
+        except ImportError:
+            names = []
+        near = difflib.get_close_matches(missing.group(2), names, n=1)
         hint = f"; did you mean '{missing.group(1)}.{near[0]}'?" if near else ""
         return f"{where}.class_path: '{class_path.group(1)}' is not a class in {missing.group(1)}{hint}"
-    if where == "config" and key:  # --config: the file
-        return "--config: " + message[key.end():].strip(" :")
-    lines = [line.strip(" -") for line in message.splitlines() if line.strip()]
-    # the most specific line: the first one under "Errors:" that is not the None alternative
-    detail = next((line for line in lines[1:] if not line.startswith(("Does not validate", "Subtypes", "Errors", "Expected a <class 'NoneType'>",
-                                                                       "Given value", "Problem with given"))), "")
-    return f"{lines[0]} {detail}".strip() if detail and key else lines[0] if lines else message
+    if where == "config":  # --config: the file
+        return "--config: " + message.split(":", 1)[1].strip()
+    given = re.search(r"^\s*Given value: (.*)$", message, re.M)
+    expected = [e for e in re.findall(r"Expected a (.+)", message) if "NoneType" not in e]
+    if given and len(expected) > 1:  # a union of types or literals (trainer.precision)
+        return f"{where}: {given.group(1).strip()!r} is not accepted; expected {' or '.join(expected)}"
+    boilerplate = ("Does not validate", "Subtypes", "Errors:", "Expected a <class 'NoneType'>", "Given value",
+                   "Problem with given", "Parser key")
+    detail = " ".join(line.strip(" -") for line in message.splitlines()
+                      if line.strip(" -") and not line.strip(" -").startswith(boilerplate))
+    return f"{where}: {detail}" if where else detail or message
 
 
 class OneLineErrorParser(LightningArgumentParser):

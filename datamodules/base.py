@@ -309,9 +309,11 @@ class PromptDataModule(L.LightningDataModule):
         characters ``start..end`` in the prompt, where ``max_length`` would cut them (right truncation
         keeps a field's beginning); ``enc`` re-encoded. Unchanged where nothing is lost, where that part
         alone is longer than the budget, or for a tokenizer without offsets."""
+        if not getattr(self.tokenizer, "is_fast", False):  # no character offsets to find the kept part with
+            return row, enc
         try:
             _, kept = self._reach(row, field)
-        except (NotImplementedError, ValueError, TypeError):
+        except (NotImplementedError, ValueError, TypeError, KeyError):
             return row, enc
         if kept >= end:
             return row, enc

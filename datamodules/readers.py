@@ -275,16 +275,15 @@ def normalize_answers(row: dict, origin: str) -> None:
         answers = answers["text"]
     if isinstance(answers, str):
         text = answers.strip()
-        if text.startswith("["):
-            try:
-                answers = json.loads(text)
-            except json.JSONDecodeError:
-                answers = [answers]
-        else:
-            answers = [answers]
+        try:  # a JSON list of strings written into a csv cell
+            parsed = json.loads(text) if text.startswith("[") else None
+        except json.JSONDecodeError:
+            parsed = None
+        is_list = isinstance(parsed, list) and all(isinstance(a, str) for a in parsed)
+        answers = parsed if is_list else [answers]
     if not isinstance(answers, (list, tuple)) or not all(isinstance(a, (str, int, float)) for a in answers):
         raise DataError(f"{origin} (id {row['id']!r}): 'answers' must be a list of answer strings, got {answers!r}")
-    row["answers"] = [str(a) for a in answers]
+    row["answers"] = [str(a) for a in answers if str(a).strip()]  # an empty cell is no answer (refused later)
     starts = row.get("answer_starts")
     if isinstance(starts, str):  # a csv column: "13" or "[13, 40]"
         try:
@@ -306,7 +305,7 @@ def read_label_words(path: Path) -> dict[str, list[str]]:
     if not path.is_file():
         raise DataError(f"label_words_file not found: {path}")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"label_words_file {path}: not a UTF-8 JSON object ({err})") from None
     if not isinstance(raw, dict):

@@ -19,20 +19,28 @@ _TAGGED = re.compile(r"<e1>(.*?)</e1>|<e2>(.*?)</e2>")
 
 def mark_entities(sentence: str, style: str) -> tuple[str, str, str]:
     """``<e1>``/``<e2>``-tagged sentence -> (text in the marker style, e1 mention, e2 mention)."""
+    text, e1, e2, _ = marked_spans(sentence, style)
+    return text, e1, e2
+
+
+def marked_spans(sentence: str, style: str) -> tuple[str, str, str, tuple[int, int]]:
+    """:func:`mark_entities`, plus the character span in the text from the first entity's opening
+    marker to the second's closing one (where the entities are, whatever else the text holds)."""
     o1, c1, o2, c2 = MARKERS[style]
-    found = {}
-
-    def swap(m: re.Match) -> str:
-        if m.group(1) is not None:
-            found["e1"] = m.group(1).strip()
-            return o1 + m.group(1) + c1
-        found["e2"] = m.group(2).strip()
-        return o2 + m.group(2) + c2
-
-    text = _TAGGED.sub(swap, sentence)
+    found, parts, spans, pos = {}, [], [], 0
+    for m in _TAGGED.finditer(sentence):
+        parts.append(sentence[pos:m.start()])
+        first = m.group(1) is not None
+        mention = m.group(1) if first else m.group(2)
+        found["e1" if first else "e2"] = mention.strip()
+        start = sum(len(p) for p in parts)
+        parts.append((o1 + mention + c1) if first else (o2 + mention + c2))
+        spans.append((start, start + len(parts[-1])))
+        pos = m.end()
+    parts.append(sentence[pos:])
     if len(found) != 2:
         raise DataError(f"sentence lacks an <e1> or <e2> mention: {sentence!r}")
-    return text, found["e1"], found["e2"]
+    return "".join(parts), found["e1"], found["e2"], (min(a for a, _ in spans), max(b for _, b in spans))
 
 
 class RelationExtractionDataModule(PromptDataModule):
@@ -65,24 +73,12 @@ class RelationExtractionDataModule(PromptDataModule):
         entities are is input, not the gold label)."""
         if "{text}" not in self.template.source:
             return None
-        o1, c1, o2, c2 = MARKERS[self.entity_markers]
-        text = row["text"]
-
-        def span_of(opening: str, closing: str, mention: str) -> tuple[int, int]:
-            at = text.find(opening) if opening else text.find(mention)
-            if at < 0:
-                return -1, -1
-            if not opening:
-                return at, at + len(mention)
-            close = text.find(closing, at + len(opening))
-            return (at, close + len(closing)) if close >= 0 else (-1, -1)
-
-        (a1, b1), (a2, b2) = span_of(o1, c1, row["e1"]), span_of(o2, c2, row["e2"])
-        return ("text", min(a1, a2), max(b1, b2)) if min(a1, a2) >= 0 else None
+        start, end = row["entity_span"]
+        return "text", start, end
 
     def prepare_row(self, row: dict) -> dict:
         try:
-            text, e1, e2 = mark_entities(str(row["sentence"]), self.entity_markers)
+            text, e1, e2, span = marked_spans(str(row["sentence"]), self.entity_markers)
         except DataError as err:
             raise DataError(f"row {row.get('id')}: {err}") from None
-        return {**row, "text": text, "e1": e1, "e2": e2}
+        return {**row, "text": text, "e1": e1, "e2": e2, "entity_span": span}

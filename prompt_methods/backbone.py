@@ -98,15 +98,15 @@ def _package_dir(spec: PackagedModel, alias: str) -> Path:
 
 @functools.lru_cache(maxsize=8)
 def _content_digest(path: str, size: int, mtime_ns: int) -> str:
-    """A key for a model file's content: its size and its first and last MiB. Not its path or
+    """A key for a model file's content: its size and its first, middle and last MiB. Not its path or
     modification time, which every fresh install of the package changes (each would convert anew and
     leave another half-gigabyte folder behind). Hashed once per process for a file as it stands."""
     chunk = 1 << 20
     digest = hashlib.sha256(str(size).encode())
     with open(path, "rb") as f:
-        digest.update(f.read(chunk))
-        f.seek(max(0, size - chunk))
-        digest.update(f.read(chunk))
+        for at in (0, max(0, size // 2 - chunk // 2), max(0, size - chunk)):
+            f.seek(at)
+            digest.update(f.read(chunk))
     return digest.hexdigest()[:12]
 
 

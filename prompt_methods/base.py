@@ -142,7 +142,8 @@ class PromptModule(Feeding, L.LightningModule):
         self.metrics = nn.ModuleDict({f"{s}_acc": MulticlassAccuracy(max(2, self.num_labels), average="micro") for s in ("train", "val", "test")})
         # evaluation losses as sums and counts, gathered from every process: the mean over all examples
         # (a synced ``self.log`` would average the processes' means, unequal shares weighted equally)
-        self.eval_losses = nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
+        # (a NaN loss stays NaN: the default would drop it with a warning, and a diverged run would look finite)
+        self.eval_losses = nn.ModuleDict({s: MeanMetric(nan_strategy="disable") for s in ("val", "test")})
         self.val_acc_best, self.val_score_best = MaxMetric(), MaxMetric()
         for best in (self.val_acc_best, self.val_score_best):
             best.persistent(True)  # in checkpoints: a resumed run keeps its best so far

@@ -15,9 +15,14 @@ from lightning.pytorch.cli import SaveConfigCallback
 
 def umask_mode(mode: int = 0o666) -> int:
     """``mode`` less the process's umask: what ``open`` would give a new file (``0o777`` for a folder).
-    ``mkstemp``/``mkdtemp`` make their files private (0600/0700) whatever the umask."""
-    mask = os.umask(0)
-    os.umask(mask)
+    ``mkstemp``/``mkdtemp`` make their files private (0600/0700) whatever the umask. Read from
+    /proc where it can be (setting the umask to read it would hold 0 for an instant, for every thread)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0)
+        os.umask(mask)
     return mode & ~mask
 
 
@@ -51,11 +56,13 @@ def wandb_offline() -> bool:
         return True
     if mode == "online" or os.environ.get("WANDB_API_KEY"):
         return False
-    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    url = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
     try:
-        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is None
+        stored = netrc.netrc(os.environ.get("NETRC"))
     except (OSError, netrc.NetrcParseError):
         return True
+    # wandb names the machine by host and port (netloc); plain host as well
+    return all(stored.authenticators(host) is None for host in {url.netloc, url.hostname} if host)
 
 
 def run_dir(trainer) -> Path:

@@ -189,6 +189,8 @@ def test_command_line_shows_one_line_not_a_traceback(tiny, family_files, tmp_pat
     (["--model", "prompt_methods.SoftPrompts"],
      "error: model.class_path: 'prompt_methods.SoftPrompts' is not a class in prompt_methods; did you mean 'prompt_methods.SoftPrompt'?"),
     (["--config", "configs/sst2/soft_promt.yaml"], "error: --config: File does not exist: "),
+    (["--model.init_args.lr", "abc"], "error: model.init_args.lr: Expected a <class 'float'>. Got value: abc"),
+    (["--trainer.precision", "bf17"], "error: trainer.precision: 'bf17' is not accepted; expected "),
 ])
 def test_misspelled_option_class_or_config_is_one_line(extra, expected):
     """The first mistakes a new user makes: one line naming the key and the nearest valid one, not the

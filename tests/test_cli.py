@@ -218,6 +218,8 @@ def test_lr_scheduler_without_optimizer_is_refused(tiny, family_files, tmp_path,
     ({"WANDB_API_KEY": "x" * 40}, False, False),
     ({"WANDB_MODE": "online"}, False, False),           # asked for
     ({"WANDB_MODE": "offline", "WANDB_API_KEY": "x" * 40}, True, True),
+    ({"WANDB_BASE_URL": "http://wandb.corp:8080"}, True, False),  # a server of one's own: netrc names host:port
+    ({"WANDB_BASE_URL": "http://other.corp"}, True, True),        # a key for another server
 ])
 def test_wandb_goes_online_with_a_key_or_when_asked(env, netrc_key, offline, tmp_path, monkeypatch):
     from prompt_methods.callbacks import wandb_offline
@@ -227,7 +229,8 @@ def test_wandb_goes_online_with_a_key_or_when_asked(env, netrc_key, offline, tmp
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     rc = tmp_path / "netrc"
-    rc.write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n" if netrc_key else "")
+    machine = "wandb.corp:8080" if "corp" in env.get("WANDB_BASE_URL", "") else "api.wandb.ai"
+    rc.write_text(f"machine {machine}\n  login user\n  password " + "k" * 40 + "\n" if netrc_key else "")
     rc.chmod(0o600)
     monkeypatch.setenv("NETRC", str(rc))
     assert wandb_offline() is offline

@@ -275,3 +275,11 @@ def test_quoted_tsv_as_pandas_writes_it(tmp_path):
     glue = tmp_path / "glue.tsv"
     glue.write_text('sentence\tlabel\n"quoted" text stays\t1\n')
     assert read_split(SplitSource(file=str(glue)), "", "train", ["sentence", "label"])[0]["sentence"] == '"quoted" text stays'
+
+
+def test_label_words_file_with_byte_order_mark(tmp_path):
+    from datamodules.readers import read_label_words
+
+    path = tmp_path / "pid2name.json"
+    path.write_bytes("\ufeff{\"P1\": [\"founded by\", \"desc\"]}".encode("utf-8"))
+    assert read_label_words(path) == {"P1": ["founded by"]}

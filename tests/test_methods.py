@@ -359,3 +359,15 @@ def test_prompt_is_run_in_every_row_where_it_cannot_be_shared(tiny, make_data):
         model = cls(backbone=tiny(arch), verbalizer=dm.verbalizer, **{**kwargs, **extra})
         assert not model.shares_prompt()
         assert model.feed(next(iter(dm.val_dataloader()))).prompt_row is None
+
+
+def test_evaluation_loss_keeps_a_nan(tiny):
+    """A diverged evaluation batch makes the logged loss NaN, not a finite mean of the other batches
+    (torchmetrics' default would drop the NaN with a warning)."""
+    from prompt_methods import SoftPrompt
+
+    model = SoftPrompt(backbone=tiny("llama"), verbalizer=[[[5]], [[6]]], num_virtual_tokens=2)
+    losses = model.eval_losses["val"]
+    losses.update(torch.tensor(1.0), weight=4)
+    losses.update(torch.tensor(float("nan")), weight=4)
+    assert torch.isnan(losses.compute())

@@ -66,6 +66,11 @@ def test_answers_in_other_shapes_become_lists(fmt, tmp_path):
     assert row["answers"] == (["great", "long"] if fmt == "csv_json_list" else ["great"])
     if fmt != "jsonl_string":
         assert row["answer_starts"] == [13]
+    # an empty cell is no answer (refused when encoded, as unanswerable); "[1]" is an answer, not JSON
+    path = tmp_path / "cells.csv"
+    path.write_text("context,question,answers\nThe film was long.,Who directed it?,\nIt cost [1] dollar.,Cost?,[1]\n")
+    rows = read_split(SplitSource(file=str(path)), "", "train", ["context", "question", "answers"])
+    assert [r["answers"] for r in rows] == [[], ["[1]"]]
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"context": context, "question": "q", "answers": {"start": 1}}) + "\n")
     with pytest.raises(DataError, match="bad.jsonl .id 'train-0'.: 'answers' is an object without 'text'"):

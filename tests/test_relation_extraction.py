@@ -120,16 +120,18 @@ def test_a_process_with_no_predictions_still_joins_the_gather(monkeypatch):
     assert calls == [([], [])] and "val/score" in logged
 
 
-@pytest.mark.parametrize("style", ["brackets", "none"])
+@pytest.mark.parametrize("style", ["brackets", "none", "punct"])
 def test_truncation_keeps_both_entities(style, tiny, tmp_path):
     """A sentence whose entities sit past what max_length keeps starts later instead (in every split),
-    so both marked entities are in the prompt; a sentence that fits is left whole."""
+    so both marked entities are in the prompt; a sentence that fits is left whole. The entities are
+    where the tags were, not an earlier occurrence of the word or of a marker character."""
     import json
 
     from datamodules import RelationExtractionDataModule
 
     filler = " ".join(f"word{i}" for i in range(80))
-    rows = [{"sentence": f"{filler} the <e1>storm</e1> caused the <e2>flood</e2> .", "label": "Cause-Effect(e1,e2)"},
+    rows = [{"sentence": f"item # 3 : the flood came . {filler} the <e1>storm</e1> caused the <e2>flood</e2> .",
+             "label": "Cause-Effect(e1,e2)"},
             {"sentence": "The <e1>storm</e1> caused the <e2>flood</e2> .", "label": "Cause-Effect(e1,e2)"}]
     path = tmp_path / "re.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -138,7 +140,25 @@ def test_truncation_keeps_both_entities(style, tiny, tmp_path):
     dm.setup("test")
     long, short = (dm.tokenizer.decode(item["input_ids"]) for item in dm.datasets["test"])
     assert dm.rows_moved == 1
-    assert "storm" in long and "flood" in long and "word0 " not in long
+    assert "storm" in long and "caused the" in long and "word0 " not in long and "came" not in long
     if style == "brackets":
         assert "[/E2]" in long
     assert "The" in short and "flood" in short
+
+
+def test_tokenizer_without_offsets_keeps_the_plain_cut(tiny, tmp_path, monkeypatch):
+    """A tokenizer without character offsets (a slow one) cannot locate the kept part: the row is cut
+    as before, no error."""
+    import json
+
+    from datamodules import RelationExtractionDataModule
+
+    filler = " ".join(f"word{i}" for i in range(80))
+    path = tmp_path / "re.jsonl"
+    path.write_text(json.dumps({"sentence": f"{filler} the <e1>storm</e1> caused the <e2>flood</e2> .",
+                                "label": "Cause-Effect(e1,e2)"}) + "\n")
+    dm = RelationExtractionDataModule(task="semeval", backbone=tiny("llama"), train_file=str(path), validation_file=str(path),
+                                      test_file=str(path), max_length=80)
+    monkeypatch.setattr(type(dm.tokenizer), "is_fast", property(lambda self: False))
+    dm.setup("test")
+    assert dm.rows_moved == 0 and len(dm.datasets["test"][0]["input_ids"]) <= 80
