@@ -12,7 +12,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from prompt_methods import runtime
@@ -23,7 +23,7 @@ from prompt_methods.feeding import Feeding
 from prompt_methods.optim import adamw_with_schedule, check_trainable, count_params, freeze_except
 from prompt_methods.span import SpanHead
 from prompt_methods.readout import ClassificationHead, build_readout
-from prompt_methods.scoring import log_epoch_metric
+from prompt_methods.scoring import WeightedMean, log_epoch_metric
 from tasks.metrics import METRICS
 
 #: the longest answer of a module built outside a trainer, with ``max_new_tokens`` unset
@@ -142,8 +142,9 @@ class PromptModule(Feeding, L.LightningModule):
         self.metrics = nn.ModuleDict({f"{s}_acc": MulticlassAccuracy(max(2, self.num_labels), average="micro") for s in ("train", "val", "test")})
         # evaluation losses as sums and counts, gathered from every process: the mean over all examples
         # (a synced ``self.log`` would average the processes' means, unequal shares weighted equally)
-        # (a NaN loss stays NaN: the default would drop it with a warning, and a diverged run would look finite)
-        self.eval_losses = nn.ModuleDict({s: MeanMetric(nan_strategy="disable") for s in ("val", "test")})
+        # (a NaN loss stays NaN: torchmetrics' MeanMetric drops it by default, and with NaN checks off it
+        # ignores the weights)
+        self.eval_losses = nn.ModuleDict({s: WeightedMean() for s in ("val", "test")})
         self.val_acc_best, self.val_score_best = MaxMetric(), MaxMetric()
         for best in (self.val_acc_best, self.val_score_best):
             best.persistent(True)  # in checkpoints: a resumed run keeps its best so far

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 import lightning as L
+from torchmetrics import Metric
 
 from tasks.metrics import METRICS
 
@@ -46,3 +47,22 @@ def log_epoch_metric(module: L.LightningModule, split: str, outputs: list[tuple]
     score = torch.tensor(next(iter(values.values())))
     module.log(f"{split}/score", score, rank_zero_only=True)
     return score
+
+
+class WeightedMean(Metric):
+    """The mean of per-batch values weighted by batch size, summed and counted across processes (so
+    unequal shares weigh what they hold); a NaN stays NaN."""
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, value: torch.Tensor, weight: int) -> None:
+        self.total += value.detach().float() * weight
+        self.count += weight
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.count

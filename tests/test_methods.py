@@ -361,13 +361,17 @@ def test_prompt_is_run_in_every_row_where_it_cannot_be_shared(tiny, make_data):
         assert model.feed(next(iter(dm.val_dataloader()))).prompt_row is None
 
 
-def test_evaluation_loss_keeps_a_nan(tiny):
-    """A diverged evaluation batch makes the logged loss NaN, not a finite mean of the other batches
+def test_evaluation_loss_is_weighted_and_keeps_a_nan(tiny):
+    """The logged evaluation loss weighs each batch by its size, and a diverged batch makes it NaN, not a finite mean of the other batches
     (torchmetrics' default would drop the NaN with a warning)."""
     from prompt_methods import SoftPrompt
 
     model = SoftPrompt(backbone=tiny("llama"), verbalizer=[[[5]], [[6]]], num_virtual_tokens=2)
     losses = model.eval_losses["val"]
+    losses.update(torch.tensor(1.0), weight=1)
+    losses.update(torch.tensor(3.0), weight=3)
+    assert losses.compute().item() == 2.5  # weighted by batch size
+    losses.reset()
     losses.update(torch.tensor(1.0), weight=4)
     losses.update(torch.tensor(float("nan")), weight=4)
     assert torch.isnan(losses.compute())
