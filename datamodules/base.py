@@ -15,7 +15,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from datamodules.collate import pad_batch
-from datamodules.encoding import Encoded, TemplateTokenizer, answer_span, generation_target, tokenize_label_words
+from datamodules.encoding import (Encoded, TemplateTokenizer, answer_span, answer_start, generation_target,
+                                  tokenize_label_words)
 from datamodules.readers import READERS, DataError, read_label_words, read_split
 from datamodules.sampling import BucketSampler, EvalSampler, ResumableLoader, by_length
 from prompt_methods.backbone import load_tokenizer, resolve_kind
@@ -293,10 +294,8 @@ class PromptDataModule(L.LightningDataModule):
         if split != "train" or not self.text_answers or not row.get("answers"):
             return None
         field = self.spec.span_field
-        context, answer = str(row.get(field, "")), str(row["answers"][0])
-        starts = row.get("answer_starts") or [None]
-        first = starts[0] if starts[0] is not None and starts[0] >= 0 else context.find(answer)
-        return None if first < 0 or not answer else (field, first, first + len(answer))
+        first = answer_start(row, field)
+        return None if first < 0 else (field, first, first + len(str(row["answers"][0])))
 
     def _reach(self, row: dict, field: str) -> tuple[Encoded, int]:
         """The row encoded with ``field``'s offsets, and how far into ``field`` its kept tokens reach."""

@@ -251,6 +251,16 @@ class TemplateTokenizer:
         return Encoded(input_ids, soft_index, answer_pos, offsets)
 
 
+def answer_start(row: dict, field: str) -> int:
+    """Where the first gold answer starts in ``field``, in characters: ``answer_starts[0]``, else (a
+    user's file without starts) its first occurrence there; -1 where there is none."""
+    answers = row.get("answers") or []
+    starts = row.get("answer_starts") or [None]
+    if starts[0] is not None and starts[0] >= 0:
+        return starts[0]
+    return str(row.get(field, "")).find(str(answers[0])) if answers and str(answers[0]) else -1
+
+
 def answer_span(enc: Encoded, row: dict, field: str) -> dict:
     """An extractive answer's item fields: the token span (start, end) of the first gold answer
     inside ``field`` (at ``answer_starts[0]``, else its first occurrence there; position 0 when
@@ -258,9 +268,7 @@ def answer_span(enc: Encoded, row: dict, field: str) -> dict:
     and all gold answers. ``enc`` must come from ``encode(row, offsets_field=field)``."""
     answers = [str(a) for a in row.get("answers") or []]
     start = end = 0
-    starts = row.get("answer_starts") or [None]
-    # a file without character starts (a user's csv/jsonl): the answer's first occurrence in the field
-    first = starts[0] if starts[0] is not None and starts[0] >= 0 else (str(row[field]).find(answers[0]) if answers else -1)
+    first = answer_start(row, field)
     if answers and first >= 0:
         a, b = first, first + len(answers[0])
         inside = [p for p, (x, y) in enc.offsets.items() if x < b and y > a]

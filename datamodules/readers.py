@@ -289,7 +289,7 @@ def normalize_answers(row: dict, origin: str) -> None:
         try:
             starts = json.loads(starts) if starts.strip() else None
         except json.JSONDecodeError:
-            starts = "?"
+            pass  # still a string: refused below
     if isinstance(starts, int):
         starts = [starts]
     if starts is not None and not (isinstance(starts, (list, tuple)) and all(isinstance(x, int) for x in starts)):
