@@ -88,6 +88,10 @@ def load_grid(path: str) -> dict:
     bad = [m for m in grid.get("peft") or [] if m not in PEFT_METHODS]
     if bad:
         raise GridError(f"{path}: peft {bad} are not among {list(PEFT_METHODS)}")
+    bad = [m for m in grid.get("peft") or [] if m not in grid["methods"]]
+    if bad:
+        raise GridError(f"{path}: peft {bad} are not among the grid's methods {grid['methods']}; a PEFT peer runs "
+                        "beside promptlit's cell of the same method")
     budget = grid["budget"] = grid.get("budget") or {}
     if set(budget) - BUDGET_KEYS:
         raise GridError(f"{path}: unknown budget key(s) {sorted(set(budget) - BUDGET_KEYS)}; known: {sorted(BUDGET_KEYS)}")
@@ -103,6 +107,33 @@ def load_grid(path: str) -> dict:
                 raise GridError(f"{path}: no config {configs / task / METHODS[method][0]}.yaml for task '{task}'")
     grid.setdefault("out", f"outputs/benchmark/{grid['name']}")
     return grid
+
+
+#: budget keys a grid may leave out, and what they then are; ``null`` leaves the value to each task's config
+BUDGET_DEFAULTS = {"eval_examples": 256, "val_examples": 64}
+
+
+def budget_value(grid: dict, key: str):
+    """The budget's ``key``: its value, the default where the grid leaves it out, None (per config) where null."""
+    return grid["budget"].get(key, BUDGET_DEFAULTS.get(key))
+
+
+def grid_setup(grid: dict) -> dict:
+    """What makes two recordings of a grid one experiment: backbone, precision, budget and overrides.
+    Kept in every row (``setup``), so that ``--resume-from`` takes rows of the same experiment only."""
+    return {"backbone": grid.get("backbone"), "precision": grid.get("precision"),
+            "budget": {k: budget_value(grid, k) for k in sorted(BUDGET_KEYS)}, "overrides": grid.get("overrides") or {}}
+
+
+def setup_difference(row_setup: dict, grid: dict, method: str) -> str | None:
+    """How a row's recorded ``setup`` differs from the grid's (the first differing key), or None. A
+    method that trains nothing (zero-shot) ignores the training budget."""
+    now = grid_setup(grid)
+    if METHODS[method][1] != "fit":
+        untrained = lambda s: {**s, "budget": {k: v for k, v in s["budget"].items()  # noqa: E731
+                                               if k not in ("steps", "batch_size", "few_shot_k")}}
+        row_setup, now = untrained(row_setup), untrained(now)
+    return _first_difference(row_setup, now, "setup")
 
 
 def text_answers(task: str) -> bool:
@@ -151,11 +182,16 @@ def cell_config(grid: dict, cell: dict, cell_dir: Path) -> tuple[dict, str]:
     if budget.get("few_shot_k") is not None:
         data["few_shot_k"] = budget["few_shot_k"]
     data["seed"] = cell["seed"]
-    data["max_eval_samples"] = budget.get("eval_examples", 256)  # N test examples, picked by the task's eval_sample
-    data["max_val_samples"] = budget.get("val_examples", 64)
+    for key, budget_key in (("max_eval_samples", "eval_examples"), ("max_val_samples", "val_examples")):
+        if budget_value(grid, budget_key) is not None:  # N examples, picked by the task's eval_sample; null: the config's
+            data[key] = budget_value(grid, budget_key)
     model.update(model_over)
     if grid.get("backbone"):
         model["backbone"] = grid["backbone"]
+    for key, value in (grid.get("overrides") or {}).items():  # the method's config as the grid runs it; the peer
+        if key.split(".")[0] in ("data", "model"):  # below is built from it (template, length, method keys)
+            set_dotted(cfg, key, value)
+    data, model = cfg["data"]["init_args"], cfg["model"]["init_args"]
     if cell["impl"] == "peft":
         kept = {k: v for k, v in model.items() if k in PEFT_KEYS}
         if cell["method"] == "prefix_tuning":  # PEFT's prefix has no text init
@@ -186,8 +222,9 @@ def cell_config(grid: dict, cell: dict, cell_dir: Path) -> tuple[dict, str]:
     if grid.get("precision"):
         trainer["precision"] = grid["precision"]
     cfg["seed_everything"] = cell["seed"]
-    for key, value in (grid.get("overrides") or {}).items():
-        set_dotted(cfg, key, value)
+    for key, value in (grid.get("overrides") or {}).items():  # the trainer's and the rest
+        if key.split(".")[0] not in ("data", "model"):
+            set_dotted(cfg, key, value)
     return cfg, sub
 
 
@@ -225,10 +262,12 @@ def run_cell(grid: dict, cell: dict, out: Path) -> dict:
     if not grid.get("keep_checkpoints", False):
         for path in ckpts:
             path.unlink()
+    if "test/score" not in metrics:  # a row without its score would count as finished and never run again
+        raise RuntimeError(f"{cell['key']}: the run logged no test/score (logged: {sorted(metrics)})")
     params = list(cli.model.parameters())
     row = {
         "task": cell["task"], "method": cell["method"], "impl": cell["impl"], "seed": cell["seed"],
-        "metric": cli.model.metric, "value": metrics.get("test/score", float("nan")),
+        "metric": cli.model.metric, "value": metrics["test/score"],
         "trainable_params": sum(p.numel() for p in params if p.requires_grad),
         "total_params": sum(p.numel() for p in params),
         "train_samples_per_s": speed.get("train_samples_per_s", float("nan")),
@@ -237,7 +276,7 @@ def run_cell(grid: dict, cell: dict, out: Path) -> dict:
         "steps": trainer.global_step, "val_score": metrics.get("val/score", float("nan")),
         "device": str(trainer.strategy.root_device), "torch": torch.__version__,
         "transformers": transformers.__version__, "commit": commit, "finished": utc_now(), "cpu_gflops": probe,
-        "cell": cell["key"],
+        "cell": cell["key"], "setup": grid_setup(grid),
         "test_metrics": {k: v for k, v in metrics.items() if k.startswith("test/")},  # e.g. SQuAD's EM beside its F1
     }
     if trainer.logger is not None:
@@ -272,10 +311,12 @@ def _first_difference(old, new, key: str = "") -> str | None:
 
 def config_change(grid: dict, cell: dict, out: Path) -> str | None:
     """How a finished cell's recorded config differs from the one the grid gives it now (the first
-    differing key), or None. A cell without a recorded config counts as unchanged."""
+    differing key), or None. A cell seeded from a recording (``--resume-from``) has no config; its
+    row's ``setup`` is compared instead (a row recorded before rows kept one counts as unchanged)."""
     path = out / "cells" / cell["key"] / "config.yaml"
     if not path.is_file():
-        return None
+        row = json.loads((out / "cells" / cell["key"] / "row.json").read_text())
+        return setup_difference(row["setup"], grid, cell["method"]) if "setup" in row else None
     now, _ = cell_config(grid, cell, path.parent)
     return _first_difference(yaml.safe_load(path.read_text()), yaml.safe_load(yaml.safe_dump(now, sort_keys=False)))
 
@@ -327,7 +368,9 @@ def seed_from_results(grid: dict, path: str, log=print) -> int:
     """Give the grid's unfinished cells the rows of an earlier recording of it (a ``results.json``
     written by this runner, e.g. the one committed under ``benchmarks/results/``), so that the run
     extends that recording instead of repeating it. Returns how many cells were seeded. A row for
-    a cell the grid does not have, or one whose step count is not the grid's budget, is refused."""
+    a cell the grid does not have, one whose step count is not the grid's budget, or one whose
+    recorded ``setup`` (backbone, precision, budget, overrides) is not the grid's, is refused, and
+    then no row is seeded."""
     source = Path(path)
     if not source.is_file():
         raise GridError(f"--resume-from: {path} does not exist")
@@ -339,7 +382,7 @@ def seed_from_results(grid: dict, path: str, log=print) -> int:
         raise GridError(f"--resume-from: {path} is not a list of benchmark rows (a results.json)")
     cells = {c["key"] for c in cells_of(grid)}
     out, seeded, steps = Path(grid["out"]), 0, grid["budget"]["steps"]
-    for i, row in enumerate(rows):
+    for i, row in enumerate(rows):  # every row is checked before any is seeded: a bad file seeds nothing
         missing = [k for k in ("task", "method", "impl", "seed", "value", "steps") if k not in row]
         if missing:
             raise GridError(f"--resume-from: {path}, row {i}: no {', '.join(missing)}; not a benchmark row")
@@ -349,6 +392,12 @@ def seed_from_results(grid: dict, path: str, log=print) -> int:
         if METHODS[row["method"]][1] == "fit" and row["steps"] != steps:
             raise GridError(f"--resume-from: {path}, row {i} ({key}) trained {row['steps']} steps; "
                             f"grid '{grid['name']}' gives budget.steps {steps}")
+        diff = setup_difference(row["setup"], grid, row["method"]) if "setup" in row else None
+        if diff:
+            raise GridError(f"--resume-from: {path}, row {i} ({key}) ran another experiment than grid "
+                            f"'{grid['name']}' ({diff})")
+    for row in rows:
+        key = cell_key(row["task"], row["method"], row["impl"], row["seed"])
         target = out / "cells" / key / "row.json"
         if not target.is_file():
             write_row(target, {**row, "cell": key})

@@ -56,7 +56,8 @@ def summarize(rows: list[dict]) -> list[dict]:
         groups[(row["task"], row["method"], row["impl"])].append(row)
     out = []
     for (task, method, impl), group in groups.items():
-        entry = {"task": task, "method": method, "impl": impl, "metric": group[0]["metric"], "seeds": len(group)}
+        scored = len(_numbers([_number(r["value"]) for r in group]))  # seeds with a score (a NaN one has none)
+        entry = {"task": task, "method": method, "impl": impl, "metric": group[0]["metric"], "seeds": scored}
         for col in ("value", "trainable_params", "train_samples_per_s", "eval_samples_per_s", "peak_mem_mb",
                     "checkpoint_bytes", "wall_s"):
             entry[col], entry[col + "_std"] = _mean_std([_number(r[col]) for r in group])
@@ -68,9 +69,10 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def peft_ratios(rows: list[dict]) -> list[dict]:
-    """promptlit / PEFT for every (task, method) measured both ways, over the seeds both ran (a
-    partly run grid would otherwise set a mean over three seeds against one seed's run)."""
-    cells = {(r["task"], r["method"], r["impl"], r["seed"]): r for r in rows}
+    """promptlit / PEFT for every (task, method) measured both ways, over the seeds both ran and
+    scored (a partly run grid, or a seed without a score on one side, would otherwise set a mean over
+    three seeds against another set of seeds)."""
+    cells = {(r["task"], r["method"], r["impl"], r["seed"]): r for r in rows if _number(r["value"]) == _number(r["value"])}
     out = []
     for task, method in sorted({(t, m) for t, m, i, _ in cells if i == "peft"}):
         seeds = sorted({s for t, m, i, s in cells if (t, m, i) == (task, method, "promptlit")}
@@ -120,8 +122,10 @@ def markdown(grid: dict, rows: list[dict]) -> str:
         f"Backbone `{grid.get('backbone') or 'per config'}`, precision `{grid.get('precision') or 'per config'}`, "
         f"{budget.get('steps')} steps x batch {budget.get('batch_size') or 'per config'}"
         + (f", {budget['few_shot_k']} examples per class" if budget.get("few_shot_k") else "")
-        + f", scored on {budget.get('eval_examples', 256)} test examples (each task's `eval_sample`: the first N, "
-        f"or N drawn with `split_seed` where its file is grouped); seeds {grid['seeds']}. "
+        + (f", scored on {budget.get('eval_examples', 256)} test examples (each task's `eval_sample`: the first N, "
+           f"or N drawn with `split_seed` where its file is grouped)" if budget.get("eval_examples", 256) is not None
+           else ", scored on the test examples each task's config sets (`max_eval_samples`)")
+        + f"; seeds {grid['seeds']}. "
         f"Score = test metric x 100, mean ± std over the seeds run; median and worst seed beside it. {len(rows)} runs"
         + (f" of the grid's {grid['planned']}." if grid.get("planned", len(rows)) > len(rows) else ".")
         + _provenance(rows) + _machine(rows), "",
@@ -152,7 +156,8 @@ def _csv(rows: list[dict]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    for row in rows:  # a missing number is an empty cell, whether the row is fresh (NaN) or read back (None)
+        writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
     return buf.getvalue()
 
 
@@ -207,11 +212,23 @@ def _save(fig, path: Path) -> Path:
 
 def wandb_summary(grid: dict, rows: list[dict], out: Path) -> None:
     """One W&B run in the benchmark's group holding the results and the mean/std table."""
+    import hashlib
+
     import wandb
 
+    from prompt_methods.callbacks import wandb_offline
+
+    offline = wandb_offline()
+    # online, one summary run per output folder: running the command again (a resumed grid, another
+    # slice of it) logs the whole table into the same run, not a new one beside it. Offline runs cannot
+    # be resumed (each would be another folder, and two in one second the same one), so each is new
+    same = {} if offline else {
+        "id": f"{grid['name']}-summary-{hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:8]}",
+        "resume": "allow"}
+    mode = "offline" if offline and not os.environ.get("WANDB_MODE") else None  # WANDB_MODE, when set, is wandb's
     run = wandb.init(project=grid.get("wandb_project", "promptlit"), group=grid["name"], name=f"{grid['name']}-summary",
-                     job_type="benchmark-summary", dir=str(out), config={"grid": grid},
-                     mode="offline" if "WANDB_API_KEY" not in os.environ else None, reinit="finish_previous")
+                     job_type="benchmark-summary", dir=str(out), config={"grid": grid}, mode=mode,
+                     reinit="finish_previous", **same)
     table = wandb.Table(columns=COLUMNS, data=[[r[c] for c in COLUMNS] for r in rows])
     summary = summarize(rows)
     cols = ["task", "method", "impl", "metric", "seeds", "value", "value_std", "value_median", "value_min",
@@ -219,7 +236,9 @@ def wandb_summary(grid: dict, rows: list[dict], out: Path) -> None:
     mean_table = wandb.Table(columns=cols, data=[[s[c] for c in cols] for s in summary])
     run.log({"results": table, "summary": mean_table})
     for r in peft_ratios(rows):
-        run.summary[f"{r['task']}/{r['method']}/throughput_vs_peft"] = r["throughput_ratio"]
+        for key, name in (("throughput_ratio", "throughput_vs_peft"), ("peak_mem_ratio", "peak_mem_vs_peft"),
+                          ("value_diff", "score_diff_vs_peft")):
+            run.summary[f"{r['task']}/{r['method']}/{name}"] = r[key]
     run.finish()
 
 
@@ -232,4 +251,7 @@ def write_report(grid: dict, rows: list[dict], summary_run: bool = False) -> Non
     atomic_write_text(out / "table.md", markdown(grid, rows))
     plots(rows, out)
     if summary_run and rows:
-        wandb_summary(grid, rows, out)
+        try:
+            wandb_summary(grid, rows, out)
+        except Exception as err:  # the results are written; a W&B failure (network, a deleted run) does not undo them
+            print(f"warning: the W&B summary run was not logged ({type(err).__name__}: {err}); the results are in {out}")

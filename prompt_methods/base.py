@@ -8,6 +8,8 @@ checkpoint keeps. A method changes only how the backbone is fed, by overriding
 
 from __future__ import annotations
 
+import os
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -17,7 +19,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from prompt_methods import runtime
 from prompt_methods.backbone import BackboneError, load_backbone, load_tokenizer, resolve_kind
-from prompt_methods.checkpointing import backbone_fingerprint, check_compatible, restore_rng, rng_state, trim_state
+from prompt_methods.checkpointing import (backbone_fingerprint, check_compatible, restore_rng, rng_state,
+                                         stored_label_words, trim_state)
 from prompt_methods.generation import Generator
 from prompt_methods.feeding import Feeding
 from prompt_methods.optim import adamw_with_schedule, check_trainable, count_params, freeze_except
@@ -48,7 +51,8 @@ class PromptModule(Feeding, L.LightningModule):
         weight_decay: AdamW weight decay.
         warmup_ratio: fraction of steps with linear warm-up, followed by linear decay.
         backbone_dtype: ``auto`` keeps a frozen backbone in bf16 when the trainer runs bf16, else fp32;
-            or ``float32`` / ``bfloat16``. Method parameters always stay fp32.
+            or ``float32`` / ``bfloat16``. Method parameters (prompt, prefix, encoder, head) always stay fp32,
+            under ``bf16-true`` too.
         attn_implementation: ``auto`` (``grouped`` for decoder-only backbones on CPU, else eager there;
             sdpa on GPU), ``grouped``, ``eager`` or ``sdpa``.
         trust_remote_code: allow model code from the hub; off unless set.
@@ -227,9 +231,22 @@ class PromptModule(Feeding, L.LightningModule):
         runtime.restore_rope(self.backbone, self._rope)
 
     def _apply(self, fn, *args, **kwargs):
-        """``.to(dtype)``, ``.half()`` and Lightning's ``bf16-true``/``16-true`` cast buffers too: keep
-        the rotary frequencies fp32 (:func:`runtime.rope_tables`)."""
-        out = super()._apply(fn, *args, **kwargs)
+        """``.to(dtype)``, ``.half()`` and Lightning's ``bf16-true``/``16-true`` cast everything: keep
+        the rotary frequencies fp32 (:func:`runtime.rope_tables`), and the method's trained parameters
+        (prompt, prefix, encoder, head) fp32 too, as PEFT keeps an adapter's, so that AdamW's small
+        updates are not rounded away in 16 bits; they are cast where they meet the backbone's activations.
+        A tuned backbone's own weights follow the cast."""
+        kept = {id(t) for name, p in self.named_parameters()
+                if p.requires_grad and p.dtype == torch.float32 and not name.startswith("backbone.")
+                for t in (p, p.grad) if t is not None}
+
+        def cast(t):  # a kept tensor moves where ``fn`` sends it but keeps fp32 (each module, e.g. an LSTM
+            out = fn(t)  # re-flattening its weights, then sees its final tensors)
+            if id(t) in kept and out.dtype in (torch.bfloat16, torch.float16):
+                return t.data.to(out.device)
+            return out
+
+        out = super()._apply(cast if kept else fn, *args, **kwargs)
         if getattr(self, "_rope", None):
             runtime.restore_rope(self.backbone, self._rope)
         return out
@@ -353,6 +370,15 @@ class PromptModule(Feeding, L.LightningModule):
         checkpoint["rng"] = rng_state()
         if self.answer_length is not None:  # the task's answer length, for a module loaded without a trainer
             checkpoint["answer_tokens"] = self.answer_length
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
+        """Lightning's, plus the label words and labels the checkpoint was trained with (they come from
+        the data module, so they are not among the hyperparameters): a module loaded by hand, without
+        a data module, reads answers as the trained one did. Keywords given here still win."""
+        if isinstance(checkpoint_path, (str, os.PathLike)) and os.path.isfile(checkpoint_path):
+            kwargs = {**stored_label_words(checkpoint_path, weights_only=kwargs.get("weights_only") is not False), **kwargs}
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_compatible(self, checkpoint)

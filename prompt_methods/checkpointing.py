@@ -43,8 +43,24 @@ def backbone_fingerprint(backbone) -> str:
 
 
 def metadata(module) -> dict:
+    """The method, backbone and label words a checkpoint was trained with. The label words and labels
+    come from the data module (not the module's hyperparameters), so a module loaded by hand
+    (``load_from_checkpoint``, no data module) takes them from here."""
     return {"version": FORMAT_VERSION, "method": type(module).__name__, "backbone": module.hparams.get("backbone"),
-            "fingerprint": module.backbone_fingerprint, "tune_backbone": module.tune_backbone}
+            "fingerprint": module.backbone_fingerprint, "tune_backbone": module.tune_backbone,
+            "verbalizer": module.verbalizer, "labels": list(module.labels) if module.verbalizer else None}
+
+
+def stored_label_words(path, weights_only: bool = True) -> dict:
+    """``verbalizer`` and ``labels`` recorded in a promptlit checkpoint (none for text-answer tasks,
+    checkpoints written before they were recorded, or a file that does not load: Lightning's own
+    load then says why)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+    except Exception:
+        return {}
+    meta = (ckpt.get("promptlit") if isinstance(ckpt, dict) else None) or {}
+    return {k: meta[k] for k in ("verbalizer", "labels") if meta.get(k)}
 
 
 def rng_state() -> dict:
@@ -95,6 +111,13 @@ def check_compatible(module, checkpoint: dict) -> None:
                 f"ckpt_path: '{key}' has shape {tuple(value.shape)} in the checkpoint but {tuple(ours[key].shape)} here; "
                 "the model.init_args (e.g. num_virtual_tokens) differ from the run that wrote it"
             )
+    heads = sorted(k for k in checkpoint["state_dict"] if k.startswith("readout.") and k not in ours)
+    if heads:  # a trained head (classification or span) that this readout has no place for: its weights would be dropped
+        raise CheckpointError(
+            f"ckpt_path: the checkpoint holds the weights of a trained head ({', '.join(heads)}), but this "
+            f"{type(module).__name__} reads answers through {type(module.readout).__name__}; set "
+            "model.init_args.readout (and the task) as in the run that wrote it"
+        )
     method = [n for n, _ in module.named_parameters() if not n.startswith("backbone.")]
     missing = sorted(k for k in method if k not in checkpoint["state_dict"])
     if missing:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import GenerationConfig
 from transformers.modeling_outputs import BaseModelOutput
 
 from datamodules.encoding import sentinels
@@ -78,9 +79,18 @@ class Generator(nn.Module):
             enc = base_forward(backbone, feed).last_hidden_state
             start = [backbone.config.decoder_start_token_id] + ([self.sentinels[0]] if self.sentinels else [])
             lead = torch.tensor([start] * B, device=enc.device)
-            out = backbone.generate(encoder_outputs=BaseModelOutput(last_hidden_state=enc), attention_mask=feed.attention_mask,
-                                    decoder_input_ids=lead, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                    eos_token_id=sorted(self.stops))
+            # plain greedy decoding: a checkpoint's own generation settings (BART's beams, minimum length,
+            # n-gram blocking, forced first token) would fill in whatever generate() is not told, so the
+            # model's generation config is swapped for a bare one during the call
+            greedy = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=self.max_new_tokens,
+                                      eos_token_id=sorted(self.stops), pad_token_id=getattr(backbone.config, "pad_token_id", None),
+                                      decoder_start_token_id=start[0])
+            own, backbone.generation_config = backbone.generation_config, greedy
+            try:
+                out = backbone.generate(encoder_outputs=BaseModelOutput(last_hidden_state=enc),
+                                        attention_mask=feed.attention_mask, decoder_input_ids=lead)
+            finally:
+                backbone.generation_config = own
             tokens = out[:, len(start):]
         else:
             out = base_forward(backbone, feed, use_cache=True)

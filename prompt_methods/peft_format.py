@@ -53,7 +53,9 @@ def adapter_config(module) -> dict:
         "task_type": {"causal": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}.get(module.kind, "FEATURE_EXTRACTION"),
         "num_virtual_tokens": n_virtual,
         "token_dim": cfg.hidden_size,
-        "num_transformer_submodules": 2 if module.kind == "seq2seq" else 1,
+        # the encoder's input only: promptlit prompts an encoder-decoder's encoder, and PEFT, told 1 (its
+        # default for seq2seq is 2: a second set of virtual tokens before the decoder's input), does the same
+        "num_transformer_submodules": 1,
         "num_attention_heads": cfg.num_attention_heads,
         "num_layers": cfg.num_hidden_layers,
         "base_model_name_or_path": module.hparams.get("backbone"),
@@ -96,10 +98,21 @@ def export_adapter(module, out_dir: str | Path, template: str | None = None) -> 
             f"data.init_args.template: '{template}' puts the prompt in {{soft}} slots, but PEFT prepends its virtual "
             "tokens, so the exported adapter would not give the same outputs; train with a template without {soft:N}"
         )
+    from prompt_methods.readout import ClassificationHead
+    from prompt_methods.span import SpanHead
+
+    config = json.dumps(adapter_config(module), indent=2, sort_keys=True)  # refuses a method PEFT has no name for
+    if getattr(module, "tune_backbone", False):
+        raise AdapterError("model.init_args.tune_backbone: this run tuned the backbone as well as the prompt; a PEFT "
+                           "prompt adapter holds only the prompt, so it would not reproduce the run")
+    if isinstance(getattr(module, "readout", None), (ClassificationHead, SpanHead)):
+        raise AdapterError(
+            f"model.init_args.readout: this run trained a new {type(module.readout).__name__} on top of the backbone as well "
+            "as the prompt; a PEFT prompt adapter holds only the prompt, so it would not reproduce the run"
+        )
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise AdapterError(f"--out_dir: {out} is a file, not a folder")
-    config = json.dumps(adapter_config(module), indent=2, sort_keys=True)
     tensors = {"prompt_embeddings": prompt_embeddings(module)}
     out.parent.mkdir(parents=True, exist_ok=True)
     # both files are written in full into a staging folder first; a new folder then appears whole (one

@@ -205,12 +205,40 @@ class CausalLabelWords(_LabelWords):
         return self.aggregate(torch.stack(columns, 1))
 
 
+class _Chain(nn.Module):
+    """An MLM head spread over several top-level children of its model, applied in order."""
+
+    def __init__(self, *steps):
+        super().__init__()
+        self.steps = steps  # a plain tuple: the modules stay registered with the backbone only
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        for step in self.steps:
+            hidden = step(hidden)
+        return hidden
+
+
+#: MLM heads that are several top-level children of their model, in the order its forward applies
+#: them (DistilBERT; ELECTRA's generator)
+SPLIT_HEADS = (("vocab_transform", "activation", "vocab_layer_norm", "vocab_projector"),
+               ("generator_predictions", "generator_lm_head"))
+
+
 def mlm_head(backbone) -> nn.Module:
-    """The masked-LM head: the top-level child that is not the base model (``cls``, ``lm_head``)."""
-    heads = [m for name, m in backbone.named_children() if name != backbone.base_model_prefix]
-    if len(heads) != 1:
-        raise ValueError(f"cannot find the MLM head of {type(backbone).__name__}")
-    return heads[0]
+    """The masked-LM head, hidden states to vocabulary logits: the one top-level child that is not
+    the base model (BERT's ``cls``, RoBERTa's ``lm_head``, ...), or a known head split over several."""
+    heads = [m for name, m in backbone.named_children()
+             if name != backbone.base_model_prefix and not isinstance(m, nn.modules.loss._Loss)]
+    if len(heads) == 1:
+        return heads[0]
+    for names in SPLIT_HEADS:
+        if all(callable(getattr(backbone, n, None)) for n in names):
+            return _Chain(*(getattr(backbone, n) for n in names))
+    raise ValueError(
+        f"model.init_args.readout: label_words needs the masked-LM head of {type(backbone).__name__}, which promptlit "
+        f"cannot find among its modules ({', '.join(n for n, _ in backbone.named_children())}); use readout: head, or "
+        "a causal or seq2seq LM"
+    )
 
 
 class MaskedLabelWords(_LabelWords):
@@ -278,6 +306,7 @@ def build_readout(name: str, kind: str, backbone, verbalizer, length_norm: bool,
     if kind == "causal":
         return CausalLabelWords(verbalizer, length_norm)
     if kind == "mlm":
+        mlm_head(backbone)  # a head it cannot find is an error now, not at the first batch
         return MaskedLabelWords(verbalizer, length_norm)
     return Seq2SeqLabelWords(verbalizer, length_norm, tokenizer_info.get("sentinel_id"),
                              backbone.config.decoder_start_token_id or 0)

@@ -211,3 +211,40 @@ def test_converted_gguf_is_keyed_by_content_not_path_or_mtime(tmp_path):
     assert key(a) == key(b)
     b.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit in the last MiB
     assert key(a) != key(b)
+
+
+@pytest.mark.parametrize("arch", ["distilbert", "electra"])
+def test_masked_lm_head_split_over_several_modules(arch):
+    """DistilBERT's head is four top-level modules, ELECTRA's generator head two: applied in order
+    to the base model's hidden states they give the model's own logits."""
+    from transformers import DistilBertConfig, DistilBertForMaskedLM, ElectraConfig, ElectraForMaskedLM
+
+    from prompt_methods.readout import mlm_head
+
+    torch.manual_seed(0)
+    if arch == "distilbert":
+        model = DistilBertForMaskedLM(DistilBertConfig(vocab_size=50, dim=16, hidden_dim=32, n_layers=1, n_heads=2))
+    else:
+        model = ElectraForMaskedLM(ElectraConfig(vocab_size=50, embedding_size=8, hidden_size=16, intermediate_size=32,
+                                                 num_hidden_layers=1, num_attention_heads=2))
+    model.eval()
+    ids = torch.randint(0, 50, (2, 6))
+    with torch.no_grad():
+        hidden = model.base_model(input_ids=ids).last_hidden_state
+        torch.testing.assert_close(mlm_head(model)(hidden), model(input_ids=ids).logits)
+
+
+def test_masked_lm_without_a_head_promptlit_knows_is_refused_at_build():
+    """An MLM whose head promptlit cannot find is an error naming the readout key when the module is
+    built, not a failure at the first batch."""
+    from torch import nn
+    from transformers import BertConfig, BertForMaskedLM
+
+    from prompt_methods.readout import build_readout
+
+    model = BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2))
+    model.extra_head = nn.Linear(16, 50)  # a second head beside ``cls``
+    with pytest.raises(ValueError, match=r"model.init_args.readout: label_words needs the masked-LM head of "
+                                         r"BertForMaskedLM, .*\(bert, cls, extra_head\); use readout: head"):
+        build_readout("label_words", "mlm", model, [[[5]], [[6]]], False, {})

@@ -146,7 +146,8 @@ def test_grid_errors_name_the_key(tmp_path):
                             ({"budget": [1]}, "'budget' must be a mapping"),
                             ({"budget": {"steps": 1, "batch_size": 0}}, "budget.batch_size must be a positive integer, not 0"),
                             ({"budget": {"steps": 1, "eval_examples": "all"}}, "budget.eval_examples must be a positive integer"),
-                            ({"budget": {"batch_size": 2}}, "budget.steps must be a positive integer")):
+                            ({"budget": {"batch_size": 2}}, "budget.steps must be a positive integer"),
+                            ({"peft": ["prefix_tuning"]}, "peft ['prefix_tuning'] are not among the grid's methods")):
         bad.write_text(yaml.safe_dump({**base, **change}))
         with pytest.raises(benchmark.GridError, match=re.escape(message)):
             benchmark.load_grid(str(bad))
@@ -199,6 +200,15 @@ def test_table_shows_median_and_worst_seed():
     md = markdown({"name": "t", "seeds": [1, 2, 3], "budget": {"steps": 10}}, rows[:3] + rows[3:4])
     assert "| sst2 | soft_prompt | 1 | 1.50x | 1.00x | 1.00x | +1.0 | +1.0 |" in md
     assert "| sst2 | soft_prompt | peft | acc | 1 | 83.0 | 83.0 | 83.0 |" in md  # one seed has no ± (it is not 0.0)
+    # a seed without a score (NaN; None read back from results.json) is not counted as a seed, and the
+    # comparison pairs the seeds scored on both sides
+    for missing in (float("nan"), None):
+        gap = rows[:5] + [{**rows[5], "value": missing}]  # PEFT's seed 3
+        gap[1] = {**gap[1], "value": missing}  # promptlit's seed 2
+        md = markdown({"name": "t", "seeds": [1, 2, 3], "budget": {"steps": 10}}, gap)
+        assert "| sst2 | soft_prompt | promptlit | acc | 2 | 83.0 ± 1.4 |" in md
+        assert "| sst2 | soft_prompt | peft | acc | 2 | 84.5 ± 2.1 |" in md
+        assert "| sst2 | soft_prompt | 1 | 1.50x | 1.00x | 1.00x | +1.0 | +1.0 |" in md  # seed 1 only
 
 
 def test_report_reads_back_its_own_results_json(tmp_path):
@@ -217,6 +227,11 @@ def test_report_reads_back_its_own_results_json(tmp_path):
     stored = json.loads((tmp_path / "results.json").read_text())
     assert stored[-1]["train_samples_per_s"] is None  # zero_shot sorts last
     assert markdown(grid, stored) == markdown(grid, rows)
+    fresh = (tmp_path / "results.csv").read_text()
+    write_report(grid, stored)
+    assert (tmp_path / "results.csv").read_text() == fresh  # a missing number is an empty cell either way
+    with open(tmp_path / "results.csv") as f:
+        assert [r["train_samples_per_s"] for r in csv.DictReader(f)] == ["15.0", "15.0", "", ""]
 
 
 def _recorded_row(task, method, impl, seed, steps):
@@ -231,6 +246,7 @@ def test_resume_from_a_recorded_results_json(grid_file, tmp_path, monkeypatch, c
     grid's cells from it and runs only the rest; rows that do not belong to the grid are refused."""
     monkeypatch.chdir(benchmark.ROOT)
     recorded = tmp_path / "results.json"
+    setup = benchmark.grid_setup(benchmark.load_grid(str(grid_file)))
     rows = [_recorded_row("sst2", "zero_shot", "promptlit", s, 0) for s in (1, 2)]
     rows += [_recorded_row("sst2", "soft_prompt", impl, s, 2) for impl in ("promptlit", "peft") for s in (1, 2)]
     recorded.write_text(json.dumps(rows[:-1]))  # all but the PEFT soft prompt of seed 2
@@ -257,6 +273,11 @@ def test_resume_from_a_recorded_results_json(grid_file, tmp_path, monkeypatch, c
         ([_recorded_row("sst2", "soft_prompt", "promptlit", 1, 7)], r"row 0 \(sst2-soft_prompt-promptlit-s1\) trained 7 steps.*budget.steps 2"),
         ([_recorded_row("trec", "soft_prompt", "promptlit", 1, 2)], r"row 0 \(trec-soft_prompt-promptlit-s1\) is not a cell of grid 'tinybench'"),
         ([{"task": "sst2"}], "row 0: no method, impl, seed, value, steps"),
+        # good rows before a bad one: nothing is seeded (the last assertion below)
+        (rows[:2] + [_recorded_row("sst2", "soft_prompt", "promptlit", 1, 7)], r"row 2 .* trained 7 steps"),
+        # a row that names its experiment: another eval budget (zero-shot rows train no steps) is refused
+        ([{**rows[0], "setup": {**setup, "budget": {**setup["budget"], "eval_examples": 128}}}],
+         r"row 0 \(sst2-zero_shot-promptlit-s1\) ran another experiment .*setup.budget.eval_examples: 128 then, 6 now"),
         ({"rows": []}, "not a list of benchmark rows"),
     ):
         recorded.write_text(json.dumps(bad))
@@ -265,6 +286,17 @@ def test_resume_from_a_recorded_results_json(grid_file, tmp_path, monkeypatch, c
     with pytest.raises(SystemExit, match="--resume-from: .*nothing.json does not exist"):
         benchmark.main(["--config", str(grid_file), "--out", str(tmp_path / "other"), "--resume-from", str(tmp_path / "nothing.json")])
     assert not (tmp_path / "other" / "cells").exists()  # a refused file seeds nothing
+    # the rows it ran name their experiment; a seeded cell is not resumed onto by a changed grid
+    assert fresh["setup"] == setup
+    recorded.write_text(json.dumps([fresh]))
+    third = {**benchmark.load_grid(str(grid_file)), "out": str(tmp_path / "third")}
+    assert benchmark.seed_from_results(third, str(recorded)) == 1
+    grid = yaml.safe_load(grid_file.read_text())
+    grid["budget"]["eval_examples"] = 12
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(grid))
+    with pytest.raises(SystemExit, match=r"ran with another config .*setup.budget.eval_examples: 6 then, 12 now"):
+        benchmark.main(["--config", str(changed), "--out", str(tmp_path / "third")])
 
 
 def test_failed_cells_make_the_command_fail(grid_file, tmp_path):
@@ -318,3 +350,43 @@ def test_peer_keeps_how_label_words_are_scored(tmp_path):
     cell = {"task": "sst2", "method": "soft_prompt", "impl": "peft", "seed": 1, "key": benchmark.cell_key("sst2", "soft_prompt", "peft", 1)}
     peer, _ = benchmark.cell_config(grid, cell, tmp_path)
     assert peer["model"]["init_args"]["length_norm"] is True and "share_prompt" not in peer["model"]["init_args"]
+
+
+def test_grid_overrides_reach_the_peer_as_its_method_config(tmp_path):
+    """A grid's data/model overrides are part of the method's config that the PEFT peer is built from:
+    a shorter max_length still leaves out the peer's {soft} slots, a template override loses its slots
+    for the peer, and promptlit's own speed settings stay promptlit's. Trainer overrides reach both."""
+    overrides = {"data.init_args.max_length": 128, "model.init_args.attn_implementation": "eager",
+                 "trainer.max_epochs": 3}
+    grid = {"name": "x", "budget": {"steps": 1}, "overrides": overrides}
+    cell = lambda method, impl: {"task": "boolq", "method": method, "impl": impl, "seed": 1,  # noqa: E731
+                                 "key": benchmark.cell_key("boolq", method, impl, 1)}
+    ours, _ = benchmark.cell_config(grid, cell("p_tuning", "promptlit"), tmp_path)
+    peer, _ = benchmark.cell_config(grid, cell("p_tuning", "peft"), tmp_path)
+    assert ours["data"]["init_args"]["max_length"] == 128 and peer["data"]["init_args"]["max_length"] == 122
+    assert ours["model"]["init_args"]["attn_implementation"] == "eager"
+    assert "attn_implementation" not in peer["model"]["init_args"]
+    assert ours["trainer"]["max_epochs"] == peer["trainer"]["max_epochs"] == 3
+    grid["overrides"] = {"data.init_args.template": "{soft:2} Q: {question} {soft:2} A: {mask}"}
+    peer, _ = benchmark.cell_config(grid, cell("soft_prompt", "peft"), tmp_path)
+    assert peer["data"]["init_args"]["template"] == "Q: {question} A: {mask}"
+    assert peer["data"]["init_args"]["max_length"] == benchmark.DEFAULT_MAX_LENGTH - 4
+
+
+def test_eval_budget_left_out_or_null(tmp_path):
+    """Left out, the evaluated examples are the runner's defaults; null leaves them to each task's config
+    (as a null batch_size does), and the table says so."""
+    from benchmarks.report import markdown
+
+    cell = {"task": "squad", "method": "soft_prompt", "impl": "promptlit", "seed": 1,
+            "key": benchmark.cell_key("squad", "soft_prompt", "promptlit", 1)}
+    shipped = yaml.safe_load((benchmark.ROOT / "configs" / "squad" / "soft_prompt.yaml").read_text())["data"]["init_args"]
+    assert shipped.get("max_val_samples")  # the config's own value, which null keeps
+    left_out, _ = benchmark.cell_config({"name": "x", "budget": {"steps": 1}}, cell, tmp_path)
+    assert left_out["data"]["init_args"]["max_eval_samples"] == 256 and left_out["data"]["init_args"]["max_val_samples"] == 64
+    null = {"name": "x", "seeds": [1], "budget": {"steps": 1, "eval_examples": None, "val_examples": None}}
+    cfg, _ = benchmark.cell_config(null, cell, tmp_path)
+    for key in ("max_eval_samples", "max_val_samples"):
+        assert cfg["data"]["init_args"].get(key) == shipped.get(key)
+    assert "scored on the test examples each task's config sets" in markdown(null, [])
+    assert "None" not in markdown(null, []).split("\n")[2]

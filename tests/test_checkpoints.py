@@ -273,3 +273,43 @@ def test_resumed_fit_draws_the_same_dropout_masks(tiny, family_files, tmp_path, 
     for name, param in resumed.named_parameters():
         if name in trained:
             torch.testing.assert_close(param, trained[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_checkpoint_loaded_by_hand_reads_answers_as_trained(soft_ckpt):
+    """The label words come from the data module, not the hyperparameters; the checkpoint keeps them,
+    so ``load_from_checkpoint`` without a data module scores the same labels (not a text generator)."""
+    from prompt_methods import SoftPrompt
+    from prompt_methods.readout import CausalLabelWords
+
+    cli, ckpt = soft_ckpt
+    back = SoftPrompt.load_from_checkpoint(ckpt).eval()
+    assert isinstance(back.readout, CausalLabelWords) and back.labels == cli.model.labels
+    assert back.verbalizer == cli.model.verbalizer
+    batch = next(iter(cli.datamodule.test_dataloader()))
+    model = cli.model.eval().float()
+    with torch.no_grad():
+        torch.testing.assert_close(back(batch), model(batch))
+    words = [[[5]], [[6]]]  # keywords still win over the checkpoint's
+    assert SoftPrompt.load_from_checkpoint(ckpt, verbalizer=words, labels=["a", "b"]).verbalizer == words
+
+
+def test_head_checkpoint_into_a_label_word_readout_is_refused(tiny, family_files, tmp_path, monkeypatch):
+    """A trained classification head has no place in a label-word readout: refused, not dropped."""
+    head = ["--model.init_args.readout", "head"]
+    _, ckpt = fit(tiny, family_files["sst2"], tmp_path, monkeypatch, steps=1, extra=head)
+    assert any(k.startswith("readout.") for k in torch.load(ckpt, weights_only=True)["state_dict"])
+    args = ["--config", SOFT, *tiny_args(tiny, family_files["sst2"], tmp_path), "--ckpt_path", str(ckpt)]
+    with pytest.raises(CheckpointError, match=r"holds the weights of a trained head \(readout.linear.bias, readout.linear.weight\).*model.init_args.readout"):
+        run_cli(args, "test", monkeypatch)
+
+
+def test_export_refuses_a_run_that_trained_a_head(tiny, family_files, tmp_path, monkeypatch):
+    """A prompt adapter without the head trained beside it would not reproduce the run."""
+    import train
+
+    head = ["--model.init_args.readout", "head"]
+    _, ckpt = fit(tiny, family_files["sst2"], tmp_path, monkeypatch, steps=1, extra=head)
+    with pytest.raises(SystemExit, match="error: model.init_args.readout: this run trained a new ClassificationHead"):
+        train.main(["export", "--config", SOFT, *tiny_args(tiny, family_files["sst2"], tmp_path), *head,
+                    "--ckpt_path", str(ckpt), "--out_dir", str(tmp_path / "adapter")])
+    assert not (tmp_path / "adapter").exists()

@@ -192,3 +192,25 @@ def test_peft_p_tuning_peer_builds_the_same_encoder(tiny):
     peer.configure_trainable()
     shapes = lambda m: sorted(tuple(p.shape) for p in m.parameters() if p.requires_grad)  # noqa: E731
     assert shapes(peer) == shapes(ours)
+
+
+def test_seq2seq_soft_prompt_export_loads_in_peft_on_the_encoder(tiny, tmp_path):
+    """On T5 the prompt sits before the encoder's input only; the adapter says so (one transformer
+    submodule), so PEFT loads it and gives the same logits (its seq2seq default, two, would look for a
+    second prompt before the decoder's input, which was never trained, and refuse the tensor's size)."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    path = tiny("t5")
+    ours = trained(SoftPrompt(backbone=path, verbalizer=VERB, num_virtual_tokens=4, init="random"))
+    out = export_adapter(ours, tmp_path / "adapter")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_2_SEQ_LM" and config["num_transformer_submodules"] == 1
+    theirs = peft.PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(path), str(out)).eval()
+    ids, dec = torch.randint(3, 60, (2, 7)), torch.randint(3, 60, (2, 3))
+    with torch.no_grad():
+        b = theirs(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=dec).logits
+        feed = ours.feed(batch_of(ids))  # what promptlit hands the encoder
+        a = ours.backbone(inputs_embeds=feed.inputs_embeds, attention_mask=feed.attention_mask,
+                          decoder_input_ids=dec).logits
+    diff = (a - b).abs().max().item()
+    assert diff < 1e-4, diff

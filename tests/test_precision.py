@@ -149,3 +149,36 @@ def test_rotary_frequencies_stay_fp32_when_the_backbone_is_cast(precision, tiny,
         buffers = dict(model.backbone.named_buffers())
         for name, table in loaded.items():
             assert buffers[name].dtype == torch.float32 and torch.equal(buffers[name], table), name
+
+
+@pytest.mark.parametrize("name", ["soft_prompt", "prefix_tuning", "p_tuning", "head"])
+def test_method_parameters_stay_fp32_under_bf16_true(name, tiny, make_data):
+    """``bf16-true`` casts the whole module; the trained parameters (prompt, prefix, encoder, a new head)
+    keep their fp32 values, as PEFT keeps an adapter's, so AdamW's small updates are not rounded away,
+    and they train: after a step each has moved by less than bf16 could represent near its values."""
+    from prompt_methods import PrefixTuning, PTuning, SoftPrompt
+
+    backbone = tiny("llama")
+    dm = make_data(backbone)
+    cls, kwargs = {"soft_prompt": (SoftPrompt, {}), "prefix_tuning": (PrefixTuning, {}),
+                   "p_tuning": (PTuning, {"encoder": "mlp"}), "head": (SoftPrompt, {"readout": "head"})}[name]
+    model = cls(backbone=backbone, verbalizer=dm.verbalizer, num_virtual_tokens=2, lr=1e-6, **kwargs)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith("backbone.")}
+    assert before and all(p.dtype == torch.float32 for p in before.values())
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-true", max_steps=1, limit_val_batches=0, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(model, datamodule=dm)
+    assert next(model.backbone.parameters()).dtype == torch.bfloat16
+    after = dict(model.named_parameters())
+    for n, start in before.items():
+        p = after[n]
+        assert p.dtype == torch.float32, n
+        step = (p.detach() - start).abs()
+        moved = step > 0
+        assert moved.any(), n  # it trained
+        # an lr of 1e-6 moves each value by about 1e-6: below half a bf16 step of values above 1e-3, so in
+        # bf16 those entries could not have moved at all
+        big = start.abs() > 1e-3
+        assert (moved & big).any(), n
+    model.to(torch.bfloat16)  # a later cast by hand keeps them too
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if n in before)

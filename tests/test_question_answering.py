@@ -227,6 +227,14 @@ def test_generation_seq2seq(name, tiny, squad_file):
     stops = {model.readout.eos_id, second}
     expected = [row[: next((i for i, t in enumerate(row) if t in stops), len(row))] for row in dec[:, 2:].tolist()]
     assert answers == expected and len(answers) == 4
+    # a checkpoint's own generation settings (BART-style beams, a minimum length, n-gram blocking, a forced
+    # first token) do not turn the greedy decoding into something else
+    own = model.backbone.generation_config
+    for key, value in {"num_beams": 3, "min_new_tokens": 3, "no_repeat_ngram_size": 1, "forced_bos_token_id": 7,
+                       "repetition_penalty": 5.0}.items():
+        setattr(own, key, value)
+    assert model.readout.generate(model.backbone, model.feed(batch)) == expected
+    assert model.backbone.generation_config is own and own.num_beams == 3
     # a pretrained T5 closes the span with <extra_id_1> and goes on; the answer stops there
     model.backbone.generate = lambda **kw: torch.tensor([[start, first, 11, 12, second, 13, 1]] * 4)
     assert model.readout.generate(model.backbone, model.feed(batch)) == [[11, 12]] * 4
