@@ -165,14 +165,18 @@ def test_export_writes_a_peft_adapter_that_loads_back(soft_ckpt, tiny, family_fi
     assert (again / "adapter_model.safetensors").read_bytes() == (out / "adapter_model.safetensors").read_bytes()
 
 
-def test_export_refuses_a_run_that_tuned_the_backbone(tiny, family_files, tmp_path, monkeypatch):
-    """A prompt adapter holds only the prompt: it cannot reproduce a run whose backbone trained too."""
+@pytest.mark.parametrize("extra,message", [
+    (["--model.init_args.tune_backbone", "true"], "error: model.init_args.tune_backbone: this run tuned the backbone"),
+    (["--model.init_args.readout", "head"], "error: model.init_args.readout: this run trained a new ClassificationHead"),
+])
+def test_export_refuses_a_run_that_trained_more_than_the_prompt(extra, message, tiny, family_files, tmp_path, monkeypatch):
+    """A prompt adapter holds only the prompt: it cannot reproduce a run whose backbone, or a head
+    beside the prompt, trained too."""
     import train
 
-    tuned = ["--model.init_args.tune_backbone", "true"]
-    _, ckpt = fit(tiny, family_files["sst2"], tmp_path, monkeypatch, steps=1, extra=tuned)
-    with pytest.raises(SystemExit, match="error: model.init_args.tune_backbone: this run tuned the backbone"):
-        train.main(["export", "--config", SOFT, *tiny_args(tiny, family_files["sst2"], tmp_path), *tuned,
+    _, ckpt = fit(tiny, family_files["sst2"], tmp_path, monkeypatch, steps=1, extra=extra)
+    with pytest.raises(SystemExit, match=message):
+        train.main(["export", "--config", SOFT, *tiny_args(tiny, family_files["sst2"], tmp_path), *extra,
                     "--ckpt_path", str(ckpt), "--out_dir", str(tmp_path / "adapter")])
     assert not (tmp_path / "adapter").exists()
 
@@ -301,15 +305,3 @@ def test_head_checkpoint_into_a_label_word_readout_is_refused(tiny, family_files
     args = ["--config", SOFT, *tiny_args(tiny, family_files["sst2"], tmp_path), "--ckpt_path", str(ckpt)]
     with pytest.raises(CheckpointError, match=r"holds the weights of a trained head \(readout.linear.bias, readout.linear.weight\).*model.init_args.readout"):
         run_cli(args, "test", monkeypatch)
-
-
-def test_export_refuses_a_run_that_trained_a_head(tiny, family_files, tmp_path, monkeypatch):
-    """A prompt adapter without the head trained beside it would not reproduce the run."""
-    import train
-
-    head = ["--model.init_args.readout", "head"]
-    _, ckpt = fit(tiny, family_files["sst2"], tmp_path, monkeypatch, steps=1, extra=head)
-    with pytest.raises(SystemExit, match="error: model.init_args.readout: this run trained a new ClassificationHead"):
-        train.main(["export", "--config", SOFT, *tiny_args(tiny, family_files["sst2"], tmp_path), *head,
-                    "--ckpt_path", str(ckpt), "--out_dir", str(tmp_path / "adapter")])
-    assert not (tmp_path / "adapter").exists()
