@@ -9,6 +9,7 @@ row whose keys/values every row attends to (:mod:`prompt_methods.prompt_cache`).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from prompt_methods.prompt_cache import PromptRow, prompt_row_cache, prompt_row_pays
 from prompt_methods.readout import Feed, position_base
@@ -134,8 +135,13 @@ class Feeding:
 
 
 def fill_slots(embeds: torch.Tensor, slots: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
-    """``embeds`` (B, T, H) with prompt vector ``slots[b, t]`` wherever that is a slot (>= 0)."""
-    return torch.where((slots >= 0).unsqueeze(-1), prompt[slots.clamp(min=0)], embeds)
+    """``embeds`` (B, T, H) with prompt vector ``slots[b, t]`` wherever that is a slot (>= 0).
+
+    Looked up with ``F.embedding``, not ``prompt[slots]``: the backward of advanced indexing sums the
+    gradients of repeated indices (every row's slots, and each non-slot position clamped to 0) with
+    atomic adds on a multi-threaded CPU, in an order that changes from call to call, so a seeded
+    P-tuning run did not repeat itself; the embedding backward sums them in a fixed order."""
+    return torch.where((slots >= 0).unsqueeze(-1), F.embedding(slots.clamp(min=0), prompt), embeds)
 
 
 def shared_lead(batch: dict, limit: int | None = None) -> int:
