@@ -180,6 +180,35 @@ def test_prompt_checkpoint_is_small_and_reloads(tiny, family_files, tmp_path, mo
     assert "test/acc" in tested.trainer.callback_metrics
 
 
+@pytest.mark.parametrize("method", ["soft_prompt", "prefix_tuning", "p_tuning", "fine_tuning"])
+def test_seeded_fit_repeats_itself(method, tiny, family_files, tmp_path, monkeypatch):
+    """The same config and seed train to bitwise the same weights (two threads, as on a CI machine),
+    and the weights did train, so the comparison is of something training computed."""
+    import torch
+
+    monkeypatch.chdir(ROOT)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+
+    def fit() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        args = ["--config", f"configs/sst2/{method}.yaml", *tiny_args(tiny, family_files["sst2"], tmp_path),
+                "--trainer.max_steps", "4", "--trainer.val_check_interval", "4", "--seed_everything", "1",
+                "--data.init_args.seed", "1", "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)]
+        cli = train._cli(args, run=False)
+        start = [p.detach().clone() for p in cli.model.parameters() if p.requires_grad]
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        return start, [p.detach().clone() for p in cli.model.parameters() if p.requires_grad]
+
+    try:
+        (start, first), (_, again) = fit(), fit()
+    finally:
+        torch.set_num_threads(threads)
+    assert len(first) == len(again) > 0
+    assert any(not torch.equal(a, s) for a, s in zip(first, start))
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+
+
 def test_optimizer_from_the_command_line_trains_the_prompt_only(tiny, family_files, tmp_path, monkeypatch):
     """LightningCLI's --optimizer and --lr_scheduler replace the method's AdamW and schedule: the prompt
     trains with them, the frozen backbone stays as it was."""
