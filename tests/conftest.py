@@ -71,6 +71,18 @@ def _sentencepiece_style_tokenizer():
     return LlamaTokenizer(vocab=model["vocab"], merges=merges, pad_token="<pad>")
 
 
+@pytest.fixture
+def two_threads():
+    """Run the test on two intra-op threads (as on a 2-core CI machine), whatever torch chose, so that
+    a kernel that sums in thread order shows it; the setting is restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _one_line_errors(monkeypatch):
     """Tests expect the one-line errors, whatever the shell exports."""

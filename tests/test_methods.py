@@ -331,34 +331,29 @@ def test_shared_lead_counts_what_every_row_starts_with():
     assert shared_lead({k: v[:1] for k, v in batch.items()}) == 0  # one row: nothing to share
 
 
-def test_slot_gradients_sum_in_the_same_order_every_time():
+def test_slot_gradients_sum_in_the_same_order_every_time(two_threads):
     """A seeded run must repeat itself: the prompt's gradient from the template's slots (each slot in
     every row, plus the zeros of non-slot places) is bitwise the same on every call with two threads.
     Indexing (``prompt[slots]``) summed them with atomic adds, in a different order from call to call."""
     from prompt_methods.feeding import fill_slots
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        gen = torch.Generator().manual_seed(0)
-        B, T, N, H = 16, 64, 6, 256
-        slots = torch.full((B, T), -1)
-        slots[:, 3:6] = torch.arange(3)
-        slots[:, 40:43] = torch.arange(3, 6)
-        embeds, prompt = torch.randn(B, T, H, generator=gen), torch.randn(N, H, generator=gen)
-        upstream = torch.randn(B, T, H, generator=gen)
-        grads = set()
-        for _ in range(40):
-            p = prompt.clone().requires_grad_(True)
-            out = fill_slots(embeds, slots, p)
-            out.backward(upstream)
-            grads.add(p.grad.numpy().tobytes())
-        assert len(grads) == 1
-        torch.testing.assert_close(p.grad, torch.stack([upstream[slots == j].sum(0) for j in range(N)]))
-        torch.testing.assert_close(out[slots < 0], embeds[slots < 0], rtol=0, atol=0)
-        torch.testing.assert_close(out[:, 40], prompt[3].expand(B, H), rtol=0, atol=0)
-    finally:
-        torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    B, T, N, H = 16, 64, 6, 256
+    slots = torch.full((B, T), -1)
+    slots[:, 3:6] = torch.arange(3)
+    slots[:, 40:43] = torch.arange(3, 6)
+    embeds, prompt = torch.randn(B, T, H, generator=gen), torch.randn(N, H, generator=gen)
+    upstream = torch.randn(B, T, H, generator=gen)
+    grads = set()
+    for _ in range(40):
+        p = prompt.clone().requires_grad_(True)
+        out = fill_slots(embeds, slots, p)
+        out.backward(upstream)
+        grads.add(p.grad.numpy().tobytes())
+    assert len(grads) == 1
+    torch.testing.assert_close(p.grad, torch.stack([upstream[slots == j].sum(0) for j in range(N)]))
+    torch.testing.assert_close(out[slots < 0], embeds[slots < 0], rtol=0, atol=0)
+    torch.testing.assert_close(out[:, 40], prompt[3].expand(B, H), rtol=0, atol=0)
 
 
 def test_shared_prompt_row_only_where_it_saves_positions(tiny, make_data):
