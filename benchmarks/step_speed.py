@@ -7,10 +7,7 @@
 Setups: ``fp32`` (32-true), ``bf16-autocast`` (fp32 weights under bf16 autocast, what plain
 ``bf16-mixed`` does), ``bf16-weights`` (frozen backbone stored in bf16 under autocast: what
 ``backbone_dtype: auto`` picks with ``bf16-mixed``, with the fp32 residual stream of
-``residual_dtype: float32``; results recorded before it came to this script had a bf16 stream;
-each norm's output cast to bf16 once for the projections that read it, ``runtime.SharedCast``),
-``bf16-percast`` (the same, but autocast casting that output for each projection, as before the
-shared cast),
+``residual_dtype: float32``; results recorded before it came to this script had a bf16 stream),
 ``bf16-stream`` (the same with ``residual_dtype: bfloat16``: hidden states between the layers in
 bf16 too), ``bf16-pure`` (bf16 weights, no autocast: activations stay bf16, method parameters
 fp32 and cast on use), each with eager or sdpa attention, and ``peft`` (the method through
@@ -63,12 +60,10 @@ def build(method: str, setup: str, attn: str, batch: dict, verbalizer, compile_l
         kwargs = {**kwargs, "residual_dtype": "bfloat16"}
     model = cls(backbone="smollm2-135m", verbalizer=verbalizer, **kwargs)
     model.configure_trainable()
-    if setup in ("bf16-weights", "bf16-percast", "bf16-stream", "bf16-pure") and not model.tune_backbone:
+    if setup in ("bf16-weights", "bf16-stream", "bf16-pure") and not model.tune_backbone:
         model.cast_backbone(torch.bfloat16)
         if setup != "bf16-pure":  # as PromptModule.setup under bf16-mixed
             model.choose_residual_stream(torch.bfloat16, "bf16-mixed")
-        if setup == "bf16-percast" and model._shared_cast is not None:  # autocast casts for each projection
-            model._shared_cast.remove()
     model.backbone.set_attn_implementation("sdpa" if setup == "peft" else attn)  # PEFT: what from_pretrained gives
     if compile_layers:
         runtime.compile_blocks(model.backbone, attention=model.compile_attention)

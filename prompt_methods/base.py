@@ -107,7 +107,7 @@ class PromptModule(Feeding, L.LightningModule):
                 raise ValueError(f"model.init_args.{key}: {value} must be {need}")
         self.tune_backbone, self.lr, self.weight_decay, self.warmup_ratio = tune_backbone, lr, weight_decay, warmup_ratio
         self.backbone_dtype, self.attn_implementation = backbone_dtype, attn_implementation
-        self.residual_dtype, self.fp32_stream, self._shared_cast = residual_dtype, False, None
+        self.residual_dtype, self.fp32_stream = residual_dtype, False
         self.compile_layers, self._compiled, self.share_prompt = compile, 0, share_prompt
         if readout == "auto" and not verbalizer:  # a task with text answers
             readout = "span" if resolve_kind(backbone, backbone_kind, trust_remote_code) in ("encoder", "mlm") else "generate"
@@ -253,16 +253,10 @@ class PromptModule(Feeding, L.LightningModule):
 
     def choose_residual_stream(self, dtype: torch.dtype, precision: str) -> None:
         """A 16-bit backbone under autocast keeps fp32 hidden states between its layers (``Feeding.stream``)
-        and fp32 norms, when ``residual_dtype`` is float32; the projections that read one norm's output
-        share its 16-bit copy (:class:`runtime.SharedCast`)."""
+        and fp32 norms, when ``residual_dtype`` is float32."""
         self.fp32_stream = self.residual_dtype == "float32" and dtype != torch.float32 and precision.endswith("-mixed")
-        if self._shared_cast is not None:
-            self._shared_cast.remove()
-            self._shared_cast = None
         if self.fp32_stream:
             runtime.norms_to_fp32(self.backbone)
-            if not self.compile_layers:  # inductor fuses the casts itself
-                self._shared_cast = runtime.SharedCast(self.backbone)
 
     def _refuse_untrained_head(self) -> None:
         """validate/test/predict with a new, never trained head would report a random model's scores."""

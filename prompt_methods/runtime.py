@@ -52,47 +52,6 @@ def norms_to_fp32(backbone: nn.Module) -> None:
             module.float()
 
 
-class SharedCast:
-    """Cast an fp32 activation to the autocast dtype once for all the 16-bit linear layers that read it.
-
-    With an fp32 residual stream (``residual_dtype: float32``) each norm's fp32 output feeds several
-    projections (queries, keys and values; gate and up), and autocast casts it to bf16 for each of
-    them, forward and (the casts' gradients, then their fp32 sum) backward. A pre-hook on each
-    ``nn.Linear`` inside the backbone's layers (the children of its ``ModuleList``s) hands a layer
-    the 16-bit copy the previous one made of the same tensor (the same object, unchanged since: its
-    version counter), or makes one. The forward is bitwise the same; backward sums the projections'
-    gradients in bf16, as each of them already is, then casts once. The copy is dropped when its
-    layer returns, since it holds the autograd graph."""
-
-    def __init__(self, backbone: nn.Module):
-        self.source: torch.Tensor | None = None
-        self.low: torch.Tensor | None = None
-        self.version = -1
-        blocks = {id(m): m for ml in backbone.modules() if isinstance(ml, nn.ModuleList) for m in ml}
-        linears = {id(m): m for block in blocks.values() for m in block.modules() if isinstance(m, nn.Linear)}
-        self.handles = [m.register_forward_pre_hook(self.pre_hook) for m in linears.values()]
-        self.handles += [b.register_forward_hook(self.clear, always_call=True) for b in blocks.values()]
-
-    def pre_hook(self, module: nn.Module, args: tuple):
-        x = args[0] if args else None
-        if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or not torch.is_autocast_enabled(x.device.type):
-            return None
-        low = torch.get_autocast_dtype(x.device.type)
-        if module.weight.dtype != low:  # autocast casts fp32 weights each call anyway; leave those layers alone
-            return None
-        if x is not self.source or x._version != self.version or self.low.dtype != low:
-            self.source, self.version, self.low = x, x._version, x.to(low)
-        return (self.low, *args[1:])
-
-    def clear(self, *_) -> None:
-        self.source = self.low = None
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.clear()
-
-
 def rope_tables(backbone: nn.Module) -> dict[str, torch.Tensor]:
     """fp32 copies of the backbone's rotary-embedding frequencies (buffers named ``*inv_freq``).
 

@@ -111,81 +111,10 @@ def test_residual_stream_dtype_under_bf16_mixed(name, arch, residual, tiny, make
     assert seen["layers"] == {stream}
     assert seen["linear"] == {torch.bfloat16}
     assert model.fp32_stream == (residual == "float32" and not model.tune_backbone)
-    assert (model._shared_cast is not None) == model.fp32_stream
     norms = [m for m in model.backbone.modules() if "norm" in type(m).__name__.lower() and next(m.children(), None) is None]
     assert norms and {p.dtype for m in norms for p in m.parameters()} == {stream}
     moved = [n for n, p in model.named_parameters() if n in before and not torch.equal(p.detach(), before[n])]
     assert moved
-
-
-@pytest.mark.parametrize("arch", ["llama", "bert"])
-def test_projections_share_one_cast_of_the_fp32_stream(arch, tiny, make_data):
-    """With an fp32 residual stream, the projections that read one fp32 activation (queries, keys and
-    values; gate and up) get one bf16 copy of it rather than a cast each: the same scores bit for
-    bit as autocast casting per projection, gradients within bf16 rounding of them, and the copy is
-    dropped when its layer returns."""
-    from prompt_methods import SoftPrompt, runtime
-
-    backbone = tiny(arch)
-    dm = make_data(backbone, batch_size=4)
-    batch = next(iter(dm.train_dataloader()))
-    model = SoftPrompt(backbone=backbone, verbalizer=dm.verbalizer, num_virtual_tokens=3)
-    model.configure_trainable()
-    model.cast_backbone(torch.bfloat16)
-    model.choose_residual_stream(torch.bfloat16, "bf16-mixed")
-    shared = model._shared_cast
-    assert model.fp32_stream and shared is not None
-    block = runtime.repeated_blocks(model.backbone)[0]
-    linears = [m for m in block.modules() if isinstance(m, torch.nn.Linear)]
-    inputs = []
-    names = {m: n for n, m in block.named_modules()}
-    for m in linears:  # registered after the sharing hooks: sees what the layer is handed
-        m.register_forward_pre_hook(lambda m, args: inputs.append((names[m], args[0])))
-
-    def run():
-        inputs.clear()
-        model.prompt.grad = None
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            scores = model(batch)
-        torch.nn.functional.cross_entropy(scores.float(), batch["labels"]).backward()
-        return scores.detach(), model.prompt.grad.clone(), [(n, id(x), x.dtype) for n, x in inputs]
-
-    scores, grad, seen = run()
-    assert shared.source is None and shared.low is None
-    assert {dtype for _, _, dtype in seen} == {torch.bfloat16}
-    assert len({i for _, i, _ in seen}) < len(seen)  # some projections shared their input
-    shared.remove()
-    scores_each, grad_each, seen_each = run()
-    assert torch.float32 in {dtype for _, _, dtype in seen_each}  # autocast's own per-projection casts
-    assert torch.equal(scores, scores_each)
-    assert (grad - grad_each).norm() < 0.02 * grad_each.norm()
-    assert torch.nn.functional.cosine_similarity(grad.flatten(), grad_each.flatten(), dim=0) > 0.999
-
-
-def test_shared_cast_recasts_a_tensor_changed_in_place():
-    """Two projections read one tensor, changed in place between them: the second gets a cast of the
-    new values, not the first one's copy."""
-    from prompt_methods import runtime
-
-    class Block(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
-
-        def forward(self, x):
-            first = self.a(x)
-            x.mul_(3)
-            return first + self.b(x)
-
-    torch.manual_seed(0)
-    model = torch.nn.ModuleList([Block()]).bfloat16()
-    x = torch.randn(2, 4)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        expected = model[0](x.clone())
-        shared = runtime.SharedCast(model)
-        got = model[0](x.clone())
-    assert torch.equal(got, expected)
-    shared.remove()
 
 
 def test_residual_dtype_is_checked(tiny, make_data):
