@@ -67,7 +67,7 @@ class Generator(nn.Module):
         embeds = backbone.get_input_embeddings()(targets).to(feed.inputs_embeds.dtype)  # (B, L, H)
         full = feed.appended(embeds, target_mask, self._positions_after(feed, target_mask))
         L = targets.size(1)
-        hidden = base_forward(backbone, full).last_hidden_state[:, -L - 1:-1]  # (B, L, H): predicts each target
+        hidden = base_forward(backbone, full, keep=L + 1).last_hidden_state[:, :-1]  # (B, L, H): predicts each target
         logits = backbone.get_output_embeddings()(hidden).float()  # LM head on answer positions only
         return F.cross_entropy(logits.transpose(1, 2), targets.masked_fill(target_mask == 0, -100))
 
@@ -93,7 +93,7 @@ class Generator(nn.Module):
                 backbone.generation_config = own
             tokens = out[:, len(start):]
         else:
-            out = base_forward(backbone, feed, use_cache=True)
+            out = base_forward(backbone, feed, use_cache=True, keep=1)
             cache, hidden, steps = output_cache(out), out.last_hidden_state[:, -1], []
             done = torch.zeros(B, dtype=torch.bool, device=hidden.device)
             has_text = torch.zeros_like(done)  # a row has produced more than whitespace

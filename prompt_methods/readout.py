@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prompt_methods import runtime
 from prompt_methods.prompt_cache import cache_keyword, output_cache
 
 
@@ -86,7 +87,10 @@ def position_base(backbone) -> int:
     return backbone._promptlit_position_base
 
 
-def base_forward(backbone, feed: Feed, use_cache: bool = False):
+def base_forward(backbone, feed: Feed, use_cache: bool = False, keep: int | None = None):
+    """The backbone's pass over a feed (its encoder for an encoder-decoder). ``keep``: the caller reads
+    only each row's last ``keep`` hidden states, which is all the output then holds; the last layer
+    computes no more than those (:func:`~prompt_methods.runtime.last_layer_reads`)."""
     limit, length = position_limit(backbone), feed.attention_mask.size(-1)
     if limit is not None and length + position_base(backbone) > limit:  # else an index error inside the embedding lookup
         raise ValueError(
@@ -100,14 +104,21 @@ def base_forward(backbone, feed: Feed, use_cache: bool = False):
     if feed.past_key_values is not None:
         kwargs[cache_keyword(backbone.base_model) or "past_key_values"] = feed.past_key_values
     if backbone.config.is_encoder_decoder:
-        return backbone.get_encoder()(**{k: v for k, v in kwargs.items() if k != "use_cache"})
+        out = backbone.get_encoder()(**{k: v for k, v in kwargs.items() if k != "use_cache"})
+        if keep:
+            out.last_hidden_state = out.last_hidden_state[:, -keep:]
+        return out
     row = feed.prompt_row
+    if row is not None:
+        kwargs.update(inputs_embeds=torch.cat([row.inputs_embeds, feed.inputs_embeds]),
+                      attention_mask=torch.cat([row.attention_mask, feed.attention_mask]),
+                      position_ids=torch.cat([row.position_ids, feed.position_ids]))
+    with runtime.last_layer_reads(backbone, keep):
+        out = backbone.base_model(**kwargs)
+    if keep:
+        out.last_hidden_state = out.last_hidden_state[:, -keep:]
     if row is None:
-        return backbone.base_model(**kwargs)
-    kwargs.update(inputs_embeds=torch.cat([row.inputs_embeds, feed.inputs_embeds]),
-                  attention_mask=torch.cat([row.attention_mask, feed.attention_mask]),
-                  position_ids=torch.cat([row.position_ids, feed.position_ids]))
-    out = backbone.base_model(**kwargs)
+        return out
     out.last_hidden_state = out.last_hidden_state[1:]  # the batch's rows
     rows = torch.arange(1, feed.inputs_embeds.size(0) + 1, device=feed.inputs_embeds.device)
     feed.past_key_values.batch_select_indices(rows)  # now a prefix cache of the batch's rows
@@ -158,7 +169,7 @@ class _LabelWords(nn.Module):
 
 class CausalLabelWords(_LabelWords):
     def forward(self, backbone, feed: Feed) -> torch.Tensor:
-        out = base_forward(backbone, feed, use_cache=self.multi_token)
+        out = base_forward(backbone, feed, use_cache=self.multi_token, keep=1)
         last = out.last_hidden_state[:, -1]  # (B, H): left padding puts the answer position last
         logp = F.log_softmax(backbone.get_output_embeddings()(last).float(), dim=-1)  # (B, V)
         scores = logp[:, self.words[:, 0]]  # (B, W)
@@ -285,8 +296,10 @@ class ClassificationHead(nn.Module):
         self.linear = nn.Linear(hidden_size, num_labels)
 
     def forward(self, backbone, feed: Feed) -> torch.Tensor:
-        hidden = base_forward(backbone, feed).last_hidden_state
-        h = gather_positions(hidden, feed.answer_pos[:, None])[:, 0]  # (B, H)
+        width = feed.inputs_embeds.size(1)
+        keep = width - int(feed.answer_pos.min())  # the positions from the earliest answer on (a causal LM's: the last)
+        hidden = base_forward(backbone, feed, keep=keep).last_hidden_state
+        h = gather_positions(hidden, feed.answer_pos[:, None] - (width - keep))[:, 0]  # (B, H)
         return self.linear(self.dropout(h).to(self.linear.weight.dtype))
 
 

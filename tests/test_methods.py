@@ -400,3 +400,33 @@ def test_evaluation_loss_is_weighted_and_keeps_a_nan(tiny):
     losses.update(torch.tensor(1.0), weight=4)
     losses.update(torch.tensor(float("nan")), weight=4)
     assert torch.isnan(losses.compute())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("name", ["hard_prompt_tuned", "soft_prompt", "prefix_tuning", "p_tuning", "fine_tuning"])
+def test_last_layer_runs_only_where_the_answer_is_read(name, arch, tiny, make_data, monkeypatch):
+    """The last layer's MLP runs only at each row's answer position (its attention still reads every
+    position), with the scores, loss and gradients of the whole layer, a tuned backbone's last-layer
+    weights included; with multi-token label words, whose continuation pass reuses the cache."""
+    from prompt_methods import runtime
+
+    cls, kwargs = METHODS[name]
+    backbone = tiny(arch)
+    dm = make_data(backbone, label_words={"0": ["terrible", "bad movie"], "1": ["wonderful", "great"]})
+    batch = next(iter(dm.train_dataloader()))
+    results, widths = [], []
+    for trim in (True, False):
+        monkeypatch.setattr(runtime, "TRIM_TAIL", trim)
+        torch.manual_seed(0)
+        model = cls(backbone=backbone, verbalizer=dm.verbalizer, **kwargs)
+        model.configure_trainable()
+        model.eval()  # no dropout: its masks would differ with the layer's shape
+        first = next(runtime.repeated_blocks(model.backbone)[-1].mlp.children())  # gate_proj, c_fc
+        seen = []
+        handle = first.register_forward_pre_hook(lambda m, args: seen.append(args[0].size(1)))
+        results.append(loss_scores_grads(model, batch))
+        handle.remove()
+        widths.append(seen[0])  # the first pass; the continuation pass follows
+        assert "forward" not in runtime.repeated_blocks(model.backbone)[-1].mlp.__dict__  # put back
+    assert widths[0] == 1 < widths[1]
+    assert_same_training(*results)

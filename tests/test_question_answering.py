@@ -431,3 +431,42 @@ def test_span_prediction_starts_and_ends_on_context_tokens():
     batch = {"context_mask": None, "context": ["hello big world", "x"],
              "offsets": [{2: (0, 5), 3: (6, 9), 4: (10, 15)}, {}]}
     assert head.predict(None, None, batch) == ["hello big", ""]
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_answer_loss_and_generation_run_the_last_layer_only_where_read(share, tiny, squad_file, monkeypatch):
+    """The answer loss runs the last layer's MLP only on the positions that predict the answer's tokens,
+    and generation's first pass only on the last one: the same loss, gradients and answers as the whole layer."""
+    from prompt_methods import runtime
+
+    backbone = tiny("llama")
+    dm = make_qa(backbone, squad_file)
+    batch = next(iter(dm.train_dataloader()))
+    losses, grads, answers, widths = [], [], [], []
+    for trim in (True, False):
+        monkeypatch.setattr(runtime, "TRIM_TAIL", trim)
+        torch.manual_seed(0)
+        model = SoftPrompt(backbone=backbone, verbalizer=dm.verbalizer, num_virtual_tokens=40 if share else 4,
+                           max_new_tokens=4, share_prompt=share)
+        model.configure_trainable()
+        model.readout.eos_id, model.readout.line_ends = -1, False  # never stop early: all 4 steps compared
+        assert (model.feed(batch).prompt_row is not None) is share
+        seen = []
+        first = runtime.repeated_blocks(model.backbone)[-1].mlp.gate_proj
+        handle = first.register_forward_pre_hook(lambda m, args: seen.append(args[0].size(1)))
+        loss = model.loss(batch)[0]
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+        with torch.no_grad():
+            answers.append(model.readout.generate(model.backbone, model.feed(batch)))
+        handle.remove()
+        widths.append(seen[:2])  # the loss pass, then generation's first pass
+    assert widths[0] == [batch["target_ids"].size(1) + 1, 1]
+    assert widths[1][0] > widths[0][0] and widths[1][1] > 1
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-4)
+    assert grads[1] and all(g.abs().max() > 0 for g in grads[1])
+    for a, b in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert answers[0] == answers[1]
+    assert answers[0] == greedy_without_cache(model, batch, 4)

@@ -1,0 +1,88 @@
+"""What running the last layer's MLP and output projection only where the answer is read buys
+(``runtime.last_layer_reads``), timed in pairs.
+
+    python benchmarks/last_layer.py --task trec --batch-size 8 --pairs 20 --out benchmarks/results/last_layer_trec.json
+
+A throughput on this VM drifts by 5-15% from one minute to the next, more than the few percent at
+stake, so each method's module is built once as ``setup`` builds it under ``bf16-mixed`` (bf16
+weights, fp32 stream, ``grouped`` attention; ``benchmarks/step_speed.py``'s ``bf16-weights``) and
+timed with the trimming on and off step by step, in ABBA order: ``--pairs`` train steps and
+forwards of each. Reports per method the medians, the median of the paired ratios (whole layer
+over trimmed) and each setting's train/forward ratio. ``--methods peft:<method>`` adds a PEFT peer
+(needs the ``bench`` extra), timed in the same rotation (it never trims), for the ratio to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from datamodules import DATAMODULES
+from prompt_methods import runtime
+from tasks.spec import load_task
+
+from step_speed import build  # noqa: E402  (run from the repository root: python benchmarks/last_layer.py)
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="trec")
+    parser.add_argument("--methods", nargs="+", default=["soft_prompt", "prefix_tuning", "p_tuning"])
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--batch-index", type=int, default=0, help="which training batch (bucketed, seed 0)")
+    parser.add_argument("--pairs", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/results/last_layer.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    dm = DATAMODULES[load_task(args.task).family](task=args.task, batch_size=args.batch_size, max_length=args.max_length,
+                                                  max_train_samples=args.batch_size * (args.batch_index + 1))
+    dm.setup()
+    batch = list(dm.train_dataloader())[args.batch_index]
+    settings = ("trimmed", "whole")
+    rows = []
+    for method in args.methods:
+        peer = method.startswith("peft:")
+        train_step, forward = build(method.removeprefix("peft:"), "peft" if peer else "bf16-weights", "grouped", batch,
+                                    dm.verbalizer)
+        times = {s: {"train": [], "forward": []} for s in settings}
+        for setting in settings:  # warm-up: first calls pick kernels
+            runtime.TRIM_TAIL = setting == "trimmed"
+            train_step(), forward()
+        for i in range(args.pairs):
+            for setting in (settings if i % 2 == 0 else settings[::-1]):
+                runtime.TRIM_TAIL = setting == "trimmed"
+                times[setting]["train"].append(timed(train_step))
+                times[setting]["forward"].append(timed(forward))
+        runtime.TRIM_TAIL = True
+        med = {s: {k: statistics.median(v) for k, v in t.items()} for s, t in times.items()}
+        paired = {k: statistics.median(w / t for t, w in zip(times["trimmed"][k], times["whole"][k]))
+                  for k in ("train", "forward")}
+        row = {"task": args.task, "method": method, "batch": args.batch_size, "seq_len": int(batch["input_ids"].shape[1]),
+               "pairs": args.pairs,
+               **{s: {"train_s": round(med[s]["train"], 4), "forward_s": round(med[s]["forward"], 4),
+                      "train_samples_per_s": round(args.batch_size / med[s]["train"], 2),
+                      "train_over_forward": round(med[s]["train"] / med[s]["forward"], 3)} for s in settings},
+               "train_speedup_paired": round(paired["train"], 3), "forward_speedup_paired": round(paired["forward"], 3),
+               "times": {s: {k: [round(x, 4) for x in v] for k, v in t.items()} for s, t in times.items()}}
+        print(json.dumps({k: v for k, v in row.items() if k != "times"}), flush=True)
+        rows.append(row)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"threads": args.threads, "torch": torch.__version__, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
