@@ -152,8 +152,10 @@ def last_layer_reads(backbone: nn.Module, keep: int | None):
     Keys and values of the last layer are still computed at every position, so a cache returned from
     the pass is complete. In SmolLM2's layers the two parts are 84% of a position's matmul work, so
     this skips nearly 1/30 of a short sequence's matmuls, forward and backward alike. ``keep=None``,
-    a compiled layer (its graph calls the parts itself) or :data:`TRIM_TAIL` off run the whole layer."""
-    last, parts = _tail(backbone) if keep and TRIM_TAIL else (None, [])
+    a compiled layer (its graph calls the parts itself), gradient checkpointing (its backward runs the
+    layer again, outside this block) or :data:`TRIM_TAIL` off run the whole layer."""
+    trim = keep and TRIM_TAIL and not getattr(backbone, "is_gradient_checkpointing", False)
+    last, parts = _tail(backbone) if trim else (None, [])
     if last is None or _compiled(last) or any(_compiled(m) for m in parts):
         parts = []
     saved = []

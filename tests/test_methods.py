@@ -430,3 +430,24 @@ def test_last_layer_runs_only_where_the_answer_is_read(name, arch, tiny, make_da
         assert "forward" not in runtime.repeated_blocks(model.backbone)[-1].mlp.__dict__  # put back
     assert widths[0] == 1 < widths[1]
     assert_same_training(*results)
+
+
+def test_last_layer_runs_whole_under_gradient_checkpointing(tiny, make_data):
+    """Gradient checkpointing runs each layer again in the backward, outside the forward's trimming:
+    the last layer then runs whole, with the gradients of a run without checkpointing."""
+    cls, kwargs = METHODS["soft_prompt"]
+    backbone = tiny("llama")
+    dm = make_data(backbone, label_words={"0": ["the"], "1": ["great"]})  # one token each: no cache in the pass
+    batch = next(iter(dm.train_dataloader()))
+    results = []
+    for checkpointing in (True, False):
+        torch.manual_seed(0)
+        model = cls(backbone=backbone, verbalizer=dm.verbalizer, share_prompt=False, **kwargs)
+        model.configure_trainable()
+        model.eval()
+        if checkpointing:
+            model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.backbone.train()  # transformers checkpoints only in training mode
+            model.backbone.config.attention_dropout = 0.0
+        results.append(loss_scores_grads(model, batch))
+    assert_same_training(*results)
