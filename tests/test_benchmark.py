@@ -178,12 +178,14 @@ def test_peft_peer_runs_beside_each_seed():
 
 def test_table_shows_median_and_worst_seed():
     """One seed far below the others drags the mean; the table and the PEFT comparison also show the
-    median and the worst seed, so a reader can tell a collapsed run from a method that is worse."""
+    median and the worst seed, so a reader can tell a collapsed run from a method that is worse, and
+    the throughput ratio of each seed's pair of cells (lowest to highest) beside the ratio of the means."""
     from benchmarks.report import markdown, summarize
 
     def row(impl, seed, value):
         return {"task": "sst2", "method": "soft_prompt", "impl": impl, "seed": seed, "metric": "acc", "value": value,
-                "trainable_params": 100, "total_params": 1000, "train_samples_per_s": 10.0 if impl == "peft" else 15.0,
+                "trainable_params": 100, "total_params": 1000,
+                "train_samples_per_s": 10.0 if impl == "peft" else {1: 15.0, 2: 12.0, 3: 18.0}[seed],
                 "eval_samples_per_s": 20.0, "peak_mem_mb": 500.0, "wall_s": 60.0, "checkpoint_bytes": 4096}
 
     rows = [row("promptlit", s, v) for s, v in ((1, 0.84), (2, 0.66), (3, 0.82))]
@@ -193,12 +195,12 @@ def test_table_shows_median_and_worst_seed():
     md = markdown({"name": "t", "seeds": [1, 2, 3], "budget": {"steps": 10}}, rows)
     assert "| sst2 | soft_prompt | promptlit | acc | 3 | 77.3 ± 9.9 | 82.0 | 66.0 |" in md
     assert "| sst2 | soft_prompt | peft | acc | 3 | 84.3 ± 1.5 | 84.0 | 83.0 |" in md
-    assert "| 1.50x | 1.00x | 1.00x | -7.0 | -2.0 |" in md  # mean diff, then median diff
+    assert "| 1.50x | 1.20–1.80x | 1.00x | 1.00x | -7.0 | -2.0 |" in md  # per-seed ratios; mean diff, then median diff
     assert "| peak MiB | checkpoint |" in md and "| 500 | 4.0 KiB |" in md  # sizes in units of 1024 bytes
     assert "| sst2 | soft_prompt | 3 | 1.50x |" in md
     # PEFT ran seed 1 only (an interrupted grid): the comparison pairs that seed, not three seeds against one
     md = markdown({"name": "t", "seeds": [1, 2, 3], "budget": {"steps": 10}}, rows[:3] + rows[3:4])
-    assert "| sst2 | soft_prompt | 1 | 1.50x | 1.00x | 1.00x | +1.0 | +1.0 |" in md
+    assert "| sst2 | soft_prompt | 1 | 1.50x | 1.50x | 1.00x | 1.00x | +1.0 | +1.0 |" in md
     assert "| sst2 | soft_prompt | peft | acc | 1 | 83.0 | 83.0 | 83.0 |" in md  # one seed has no ± (it is not 0.0)
     # a seed without a score (NaN; None read back from results.json) is not counted as a seed, and the
     # comparison pairs the seeds scored on both sides
@@ -208,7 +210,7 @@ def test_table_shows_median_and_worst_seed():
         md = markdown({"name": "t", "seeds": [1, 2, 3], "budget": {"steps": 10}}, gap)
         assert "| sst2 | soft_prompt | promptlit | acc | 2 | 83.0 ± 1.4 |" in md
         assert "| sst2 | soft_prompt | peft | acc | 2 | 84.5 ± 2.1 |" in md
-        assert "| sst2 | soft_prompt | 1 | 1.50x | 1.00x | 1.00x | +1.0 | +1.0 |" in md  # seed 1 only
+        assert "| sst2 | soft_prompt | 1 | 1.50x | 1.50x | 1.00x | 1.00x | +1.0 | +1.0 |" in md  # seed 1 only
 
 
 def test_report_reads_back_its_own_results_json(tmp_path):
