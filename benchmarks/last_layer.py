@@ -7,8 +7,9 @@ A throughput on this VM drifts by 5-15% from one minute to the next, more than t
 stake, so each method's module is built once as ``setup`` builds it under ``bf16-mixed`` (bf16
 weights, fp32 stream, ``grouped`` attention; ``benchmarks/step_speed.py``'s ``bf16-weights``) and
 timed with the trimming on and off step by step, in ABBA order: ``--pairs`` train steps and
-forwards of each. Reports per method the medians, the median of the paired ratios (whole layer
-over trimmed) and each setting's train/forward ratio. ``--methods peft:<method>`` adds a PEFT peer
+forwards of each. Reports per method whether one step's loss, scores and gradient are bitwise those
+of the whole layer, the medians, the median of the paired ratios (whole layer over trimmed) and each
+setting's train/forward ratio. ``--methods peft:<method>`` adds a PEFT peer
 (needs the ``bench`` extra), timed in the same rotation (it never trims), for the ratio to it.
 """
 
@@ -27,6 +28,24 @@ from prompt_methods import runtime
 from tasks.spec import load_task
 
 from step_speed import build  # noqa: E402  (run from the repository root: python benchmarks/last_layer.py)
+
+
+def same_step(model, batch: dict) -> dict:
+    """One loss and gradient with the trimming on and off (no update): whether they are bitwise equal,
+    and the relative gradient difference."""
+    out = {}
+    for trim in (True, False):
+        runtime.TRIM_TAIL = trim
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, scores = model.loss(batch)
+        loss.backward()
+        grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+        out[trim] = (loss.detach(), scores.detach(), grad)
+    model.zero_grad()
+    (loss_t, scores_t, grad_t), (loss_w, scores_w, grad_w) = out[True], out[False]
+    return {"bitwise_equal": bool(torch.equal(loss_t, loss_w) and torch.equal(scores_t, scores_w) and torch.equal(grad_t, grad_w)),
+            "grad_rel_diff": float((grad_t - grad_w).norm() / grad_w.norm())}
 
 
 def timed(fn) -> float:
@@ -58,6 +77,7 @@ def main() -> None:
         peer = method.startswith("peft:")
         train_step, forward = build(method.removeprefix("peft:"), "peft" if peer else "bf16-weights", "grouped", batch,
                                     dm.verbalizer)
+        check = {} if peer else same_step(train_step.model, batch)
         times = {s: {"train": [], "forward": []} for s in settings}
         for setting in settings:  # warm-up: first calls pick kernels
             runtime.TRIM_TAIL = setting == "trimmed"
@@ -72,7 +92,7 @@ def main() -> None:
         paired = {k: statistics.median(w / t for t, w in zip(times["trimmed"][k], times["whole"][k]))
                   for k in ("train", "forward")}
         row = {"task": args.task, "method": method, "batch": args.batch_size, "seq_len": int(batch["input_ids"].shape[1]),
-               "pairs": args.pairs,
+               "pairs": args.pairs, **check,
                **{s: {"train_s": round(med[s]["train"], 4), "forward_s": round(med[s]["forward"], 4),
                       "train_samples_per_s": round(args.batch_size / med[s]["train"], 2),
                       "train_over_forward": round(med[s]["train"] / med[s]["forward"], 3)} for s in settings},

@@ -81,6 +81,7 @@ def build(method: str, setup: str, attn: str, batch: dict, verbalizer, compile_l
         with torch.no_grad(), ctx():
             model.loss(batch)
 
+    train_step.model = model  # for scripts that inspect the module they time (benchmarks/last_layer.py)
     return train_step, forward
 
 
