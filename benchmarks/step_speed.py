@@ -35,6 +35,7 @@ import torch
 from datamodules import DATAMODULES
 from tasks.spec import load_task
 from prompt_methods import FineTuning, HardPrompt, PrefixTuning, PTuning, SoftPrompt, runtime
+from prompt_methods.optim import adamw
 
 METHODS = {
     "soft_prompt": (SoftPrompt, {"num_virtual_tokens": 20}),
@@ -46,9 +47,9 @@ METHODS = {
 
 
 def build(method: str, setup: str, attn: str, batch: dict, verbalizer, compile_layers: bool = False,
-          tokens: int | None = None):
+          tokens: int | None = None, fused: bool = True):
     """The module for one setup and its two timed closures: a train step and a forward without gradients.
-    ``tokens`` overrides the method's ``num_virtual_tokens``."""
+    ``tokens`` overrides the method's ``num_virtual_tokens``; ``fused=False`` steps the unfused AdamW."""
     cls, kwargs = METHODS[method]
     if tokens and "num_virtual_tokens" in kwargs:
         kwargs = {**kwargs, "num_virtual_tokens": tokens}
@@ -68,7 +69,7 @@ def build(method: str, setup: str, attn: str, batch: dict, verbalizer, compile_l
     if compile_layers:
         runtime.compile_blocks(model.backbone, attention=model.compile_attention)
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if setup not in ("fp32", "bf16-pure") else nullcontext
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    opt = adamw([p for p in model.parameters() if p.requires_grad], 1e-3, fused)  # fused, as training has it
 
     def train_step():
         with ctx():

@@ -360,7 +360,11 @@ class PromptModule(Feeding, L.LightningModule):
 
     # ------------------------------------------------------------------ optim
     def configure_optimizers(self):
-        return adamw_with_schedule(self, self.lr, self.weight_decay, self.warmup_ratio, self.trainer.estimated_stepping_batches)
+        # a fused AdamW unscales 16-bit gradients inside its step, so Lightning's mixed precision cannot
+        # clip before it: with gradient clipping the optimizer is the unfused one
+        clipping = bool(self.trainer.gradient_clip_val)
+        return adamw_with_schedule(self, self.lr, self.weight_decay, self.warmup_ratio, self.trainer.estimated_stepping_batches,
+                                   fused=not clipping)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

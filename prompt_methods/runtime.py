@@ -154,7 +154,10 @@ def last_layer_reads(backbone: nn.Module, keep: int | None):
     this skips nearly 1/30 of a short sequence's matmuls, forward and backward alike. ``keep=None``,
     a compiled layer (its graph calls the parts itself), gradient checkpointing (its backward runs the
     layer again, outside this block) or :data:`TRIM_TAIL` off run the whole layer."""
-    trim = keep and TRIM_TAIL and not getattr(backbone, "is_gradient_checkpointing", False)
+    checkpointing = getattr(backbone, "is_activation_checkpointing", None)  # the older name warns in transformers 5.25
+    if checkpointing is None:
+        checkpointing = getattr(backbone, "is_gradient_checkpointing", False)
+    trim = keep and TRIM_TAIL and not checkpointing
     last, parts = _tail(backbone) if trim else (None, [])
     if last is None or _compiled(last) or any(_compiled(m) for m in parts):
         parts = []

@@ -6,6 +6,7 @@ import lightning as L
 import pytest
 import torch
 
+from prompt_methods import FineTuning
 from test_methods import METHODS
 
 
@@ -182,3 +183,46 @@ def test_method_parameters_stay_fp32_under_bf16_true(name, tiny, make_data):
         assert (moved & big).any(), n
     model.to(torch.bfloat16)  # a later cast by hand keeps them too
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if n in before)
+
+
+@pytest.mark.parametrize("precision,clip", [("bf16-mixed", None), ("bf16-mixed", 1.0), ("32-true", None), ("bf16-true", None)])
+def test_adamw_is_fused_unless_gradients_are_clipped(precision, clip, tiny, make_data):
+    """The methods' AdamW is torch's fused kernel (one pass per parameter; for a tuned backbone most of
+    the optimizer's time goes), except with gradient clipping, which Lightning's mixed precision
+    cannot do before a fused step: then the unfused one, and the fit runs either way."""
+    from prompt_methods.optim import fused_adamw_fits
+
+    dm = make_data(tiny("llama"))
+    model = FineTuning(backbone=tiny("llama"), verbalizer=dm.verbalizer)
+    trainer = L.Trainer(accelerator="cpu", precision=precision, max_steps=2, limit_val_batches=0, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        gradient_clip_val=clip)
+    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    trainer.fit(model, datamodule=dm)
+    opt = trainer.optimizers[0]
+    assert bool(opt.defaults.get("fused")) is (clip is None)
+    assert all(bool(g.get("fused")) is (clip is None) for g in opt.param_groups)
+    after = [p.detach() for p in model.parameters() if p.requires_grad]
+    assert all(torch.isfinite(p).all() for p in after) and any(not torch.equal(a, b.to(a.dtype)) for a, b in zip(after, before))
+    assert not fused_adamw_fits([torch.zeros(2, dtype=torch.long)])  # integer tensors have no fused kernel
+    assert not fused_adamw_fits([])
+
+
+def test_fused_adamw_matches_the_unfused_update():
+    """The fused AdamW moves parameters as the unfused one does, up to rounding."""
+    from prompt_methods.optim import adamw
+
+    torch.manual_seed(0)
+    a = [torch.randn(64, 32, requires_grad=True), torch.randn(32, requires_grad=True)]
+    b = [p.detach().clone().requires_grad_() for p in a]
+    opt_a = adamw([{"params": a[:1], "weight_decay": 0.01}, {"params": a[1:], "weight_decay": 0.0}], 1e-2)
+    opt_b = adamw([{"params": b[:1], "weight_decay": 0.01}, {"params": b[1:], "weight_decay": 0.0}], 1e-2, fused=False)
+    assert opt_a.defaults["fused"] and not opt_b.defaults.get("fused")
+    for _ in range(10):
+        for params, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            (params[0].sin().sum() + (params[1] ** 2).sum()).backward()
+            opt.step()
+    for x, y in zip(a, b):
+        assert not torch.equal(x, x.new_zeros(x.shape))
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
