@@ -114,7 +114,6 @@ def compile_blocks(backbone: nn.Module, attention: bool = True) -> int:
     return len(blocks)
 
 
-
 #: the parts of a transformer layer that work on each position alone, after attention has mixed
 #: the positions (the MLP, attention's output projection): in the last layer their output is needed
 #: only where the caller reads it (:func:`last_layer_reads`)
