@@ -68,6 +68,8 @@ def build(method: str, setup: str, attn: str, batch: dict, verbalizer, compile_l
     model.backbone.set_attn_implementation("sdpa" if setup == "peft" else attn)  # PEFT: what from_pretrained gives
     if compile_layers:
         runtime.compile_blocks(model.backbone, attention=model.compile_attention)
+    elif model.fused_norms:  # as PromptModule.setup (the PEFT peer keeps the model's own norms)
+        runtime.fuse_norms(model.backbone)
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if setup not in ("fp32", "bf16-pure") else nullcontext
     opt = adamw([p for p in model.parameters() if p.requires_grad], 1e-3, fused)  # fused, as training has it
 
@@ -82,7 +84,7 @@ def build(method: str, setup: str, attn: str, batch: dict, verbalizer, compile_l
         with torch.no_grad(), ctx():
             model.loss(batch)
 
-    train_step.model = model  # for scripts that inspect the module they time (benchmarks/last_layer.py)
+    train_step.model = model  # for scripts that inspect the module they time (benchmarks/runtime_switch.py)
     return train_step, forward
 
 

@@ -75,6 +75,8 @@ class PromptModule(Feeding, L.LightningModule):
     method_params: tuple[str, ...] = ()
     #: whether ``compile: true`` may compile attention too (False for methods feeding a key/value cache)
     compile_attention: bool = True
+    #: whether the backbone's RMSNorms run through promptlit's fused norm (:func:`runtime.fuse_norms`)
+    fused_norms: bool = True
 
     def __init__(
         self,
@@ -207,6 +209,16 @@ class PromptModule(Feeding, L.LightningModule):
             self.backbone.set_attn_implementation(runtime.attention(self.attn_implementation, device, self.kind))
         if self.compile_layers and not self._compiled:
             self._compiled = runtime.compile_blocks(self.backbone, attention=self.compile_attention)
+        if self.fused_norms and not self._compiled:
+            self._norms_fused = runtime.fuse_norms(self.backbone) > 0
+
+    def train(self, mode: bool = True):
+        """Also keeps the fused norms: transformers re-kernelizes a model whose train mode changes, which
+        gives its hub-kernel layers (RMSNorms among them) their class's forward back."""
+        out = super().train(mode)
+        if getattr(self, "_norms_fused", False):
+            runtime.fuse_norms(self.backbone)
+        return out
 
     def _follow_answer_length(self, fallback: int | None = None) -> None:
         """Unless ``max_new_tokens`` is set, answers may be as long as the task's training targets: the

@@ -455,3 +455,85 @@ def test_last_layer_runs_whole_under_gradient_checkpointing(tiny, make_data):
             model.backbone.config.attention_dropout = 0.0
         results.append(loss_scores_grads(model, batch))
     assert_same_training(*results)
+
+
+@pytest.mark.parametrize("name", ["hard_prompt_tuned", "soft_prompt", "prefix_tuning", "p_tuning", "fine_tuning"])
+def test_fused_norms_train_as_the_models_own(name, tiny, make_data, monkeypatch):
+    """``setup`` runs the Llama RMSNorms through promptlit's fused norm: the same scores, loss and
+    gradients as the model's own norms (a tuned backbone's norm weights included), on norm weights
+    that are not all ones."""
+    from prompt_methods import runtime
+
+    cls, kwargs = METHODS[name]
+    backbone = tiny("llama")
+    dm = make_data(backbone, label_words={"0": ["terrible", "bad movie"], "1": ["wonderful", "great"]})
+    batch = next(iter(dm.train_dataloader()))
+    results, kinds = [], []
+    for fused in (True, False):
+        monkeypatch.setattr(runtime, "FUSE_NORMS", fused)
+        torch.manual_seed(0)
+        model = cls(backbone=backbone, verbalizer=dm.verbalizer, **kwargs)
+        norms = [m for m in model.backbone.modules() if type(m).__name__ == "LlamaRMSNorm"]
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for norm in norms:
+                norm.weight.uniform_(0.5, 1.5, generator=gen)
+        model.setup("fit")
+        model.train()
+        model.eval()  # transformers puts a hub-kernel layer's own forward back when the mode changes
+        assert sum("forward" in n.__dict__ for n in norms) == len(norms) == 5  # two per layer and the final one
+        seen = []
+        hook = norms[-1].register_forward_hook(lambda m, args, out: seen.append(type(out.grad_fn).__name__))
+        results.append(loss_scores_grads(model, batch))
+        hook.remove()
+        kinds.append(seen[0])
+    assert kinds[0] != kinds[1] and "RMSNorm" in kinds[0]  # the fused path ran, then the model's own
+    assert_same_training(*results)
+
+
+def test_fused_norm_gradient_is_the_closed_form():
+    """The fused norm's backward against numerical gradients, for the input and the weight."""
+    from prompt_methods.runtime import _RMSNorm
+
+    x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(8, dtype=torch.float64) + 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: _RMSNorm.apply(a, b, 1e-6), (x, w))
+    out = _RMSNorm.apply(x, w, 1e-6)
+    torch.testing.assert_close(out, w * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+def test_fused_norms_only_where_the_norm_is_the_same():
+    """A norm that computes something else (Gemma's ``1 + weight``) keeps its own forward; a fused
+    norm gives a bf16 input to its own forward; a deep copy's norms run on the copy's weights."""
+    import copy
+
+    from torch import nn
+
+    from prompt_methods import runtime
+
+    class PlainRMSNorm(nn.Module):
+        def __init__(self, offset=0.0):
+            super().__init__()
+            self.weight, self.eps, self.offset = nn.Parameter(torch.rand(8) + 0.5), 1e-6, offset
+
+        def forward(self, x):
+            xf = x.float()
+            out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+            return (self.offset + self.weight) * out.to(x.dtype)
+
+    class OffsetRMSNorm(PlainRMSNorm):
+        def __init__(self):
+            super().__init__(offset=1.0)
+
+    model = nn.Sequential(PlainRMSNorm(), OffsetRMSNorm())
+    assert runtime.fuse_norms(model) == 1
+    assert "forward" in model[0].__dict__ and "forward" not in model[1].__dict__
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    assert "RMSNorm" in type(model[0](x).grad_fn).__name__
+    half = x.detach().bfloat16()
+    torch.testing.assert_close(model[0](half), PlainRMSNorm.forward(model[0], half), atol=0, rtol=0)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin[0].weight.mul_(2)
+    torch.testing.assert_close(twin[0](x), 2 * model[0](x))
+    assert runtime.fuse_norms(twin) == 1  # already fused: counted, not wrapped again

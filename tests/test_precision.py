@@ -226,3 +226,38 @@ def test_fused_adamw_matches_the_unfused_update():
     for x, y in zip(a, b):
         assert not torch.equal(x, x.new_zeros(x.shape))
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["soft_prompt", "hard_prompt_tuned"])
+def test_fused_norms_run_in_every_training_step(name, tiny, make_data, monkeypatch):
+    """Under bf16-mixed the fp32 residual stream goes through the fused RMSNorm in every training step,
+    after validation too: Lightning switches a tuned backbone to eval for validation, and transformers
+    then gives its norms their class's forward back, which ``PromptModule.train`` undoes."""
+    from prompt_methods import runtime
+
+    calls = []
+    fused = runtime._RMSNorm.forward
+
+    def counted(ctx, *args):
+        calls.append(1)
+        return fused(ctx, *args)
+
+    monkeypatch.setattr(runtime._RMSNorm, "forward", staticmethod(counted))
+    backbone = tiny("llama")
+    dm = make_data(backbone)
+    cls, kwargs = METHODS[name]
+    model = cls(backbone=backbone, verbalizer=dm.verbalizer, **kwargs)
+    per_step = []
+
+    class Count(L.Callback):
+        def on_train_batch_start(self, *args):
+            calls.clear()
+
+        def on_train_batch_end(self, *args):
+            per_step.append(len(calls))
+
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=3, val_check_interval=1, limit_val_batches=1,
+                        num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, callbacks=[Count()])
+    trainer.fit(model, datamodule=dm)
+    assert len(per_step) == 3 and min(per_step) >= 5  # two norms per layer and the final one, each step

@@ -1,16 +1,21 @@
-"""What running the last layer's MLP and output projection only where the answer is read buys
-(``runtime.last_layer_reads``), timed in pairs.
+"""What one of promptlit's exact runtime shortcuts buys, timed in pairs with it switched on and off:
 
-    python benchmarks/last_layer.py --task trec --batch-size 8 --pairs 20 --out benchmarks/results/last_layer_trec.json
+- ``--switch trim_tail``: the last layer's MLP and output projection run only where the answer is
+  read (``runtime.last_layer_reads``; settings ``trimmed``/``whole``);
+- ``--switch fuse_norms``: the RMSNorms run through ``runtime.fuse_norms``'s closed-form backward
+  (settings ``fused``/``own``).
+
+    python benchmarks/runtime_switch.py --switch trim_tail --task trec --batch-size 8 --pairs 20 --out benchmarks/results/last_layer_trec.json
+    python benchmarks/runtime_switch.py --switch fuse_norms --task trec --batch-size 8 --pairs 20 --out benchmarks/results/fused_norms_trec.json
 
 A throughput on this VM drifts by 5-15% from one minute to the next, more than the few percent at
 stake, so each method's module is built once as ``setup`` builds it under ``bf16-mixed`` (bf16
 weights, fp32 stream, ``grouped`` attention; ``benchmarks/step_speed.py``'s ``bf16-weights``) and
-timed with the trimming on and off step by step, in ABBA order: ``--pairs`` train steps and
-forwards of each. Reports per method whether one step's loss, scores and gradient are bitwise those
-of the whole layer, the medians, the median of the paired ratios (whole layer over trimmed) and each
-setting's train/forward ratio. ``--methods peft:<method>`` adds a PEFT peer
-(needs the ``bench`` extra), timed in the same rotation (it never trims), for the ratio to it.
+timed with the switch on and off step by step, in ABBA order: ``--pairs`` train steps and forwards
+of each. Reports per method whether one step's loss, scores and gradient are bitwise those with the
+switch off, their relative gradient difference, the medians, the median of the paired ratios (off
+over on) and each setting's train/forward ratio. ``--methods peft:<method>`` adds a PEFT peer
+(needs the ``bench`` extra), timed in the same rotation (neither switch reaches it), for the ratio to it.
 """
 
 from __future__ import annotations
@@ -27,21 +32,24 @@ from datamodules import DATAMODULES
 from prompt_methods import runtime
 from tasks.spec import load_task
 
-from step_speed import build  # noqa: E402  (run from the repository root: python benchmarks/last_layer.py)
+from step_speed import build  # noqa: E402  (run from the repository root: python benchmarks/runtime_switch.py)
+
+#: switch -> the ``runtime`` flag and the names of its on and off settings
+SWITCHES = {"trim_tail": ("TRIM_TAIL", ("trimmed", "whole")), "fuse_norms": ("FUSE_NORMS", ("fused", "own"))}
 
 
-def same_step(model, batch: dict) -> dict:
-    """One loss and gradient with the trimming on and off (no update): whether they are bitwise equal,
+def same_step(model, batch: dict, flag: str) -> dict:
+    """One loss and gradient with the switch on and off (no update): whether they are bitwise equal,
     and the relative gradient difference."""
     out = {}
-    for trim in (True, False):
-        runtime.TRIM_TAIL = trim
+    for on in (True, False):
+        setattr(runtime, flag, on)
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss, scores = model.loss(batch)
         loss.backward()
         grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
-        out[trim] = (loss.detach(), scores.detach(), grad)
+        out[on] = (loss.detach(), scores.detach(), grad)
     model.zero_grad()
     (loss_t, scores_t, grad_t), (loss_w, scores_w, grad_w) = out[True], out[False]
     return {"bitwise_equal": bool(torch.equal(loss_t, loss_w) and torch.equal(scores_t, scores_w) and torch.equal(grad_t, grad_w)),
@@ -56,6 +64,7 @@ def timed(fn) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--switch", choices=sorted(SWITCHES), default="trim_tail")
     parser.add_argument("--task", default="trec")
     parser.add_argument("--methods", nargs="+", default=["soft_prompt", "prefix_tuning", "p_tuning"])
     parser.add_argument("--batch-size", type=int, default=8)
@@ -63,7 +72,7 @@ def main() -> None:
     parser.add_argument("--batch-index", type=int, default=0, help="which training batch (bucketed, seed 0)")
     parser.add_argument("--pairs", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default="benchmarks/results/last_layer.json")
+    parser.add_argument("--out", default="benchmarks/results/runtime_switch.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -71,27 +80,27 @@ def main() -> None:
                                                   max_train_samples=args.batch_size * (args.batch_index + 1))
     dm.setup()
     batch = list(dm.train_dataloader())[args.batch_index]
-    settings = ("trimmed", "whole")
+    flag, settings = SWITCHES[args.switch]
     rows = []
     for method in args.methods:
         peer = method.startswith("peft:")
         train_step, forward = build(method.removeprefix("peft:"), "peft" if peer else "bf16-weights", "grouped", batch,
                                     dm.verbalizer)
-        check = {} if peer else same_step(train_step.model, batch)
+        check = {} if peer else same_step(train_step.model, batch, flag)
         times = {s: {"train": [], "forward": []} for s in settings}
         for setting in settings:  # warm-up: first calls pick kernels
-            runtime.TRIM_TAIL = setting == "trimmed"
+            setattr(runtime, flag, setting == settings[0])
             train_step(), forward()
         for i in range(args.pairs):
             for setting in (settings if i % 2 == 0 else settings[::-1]):
-                runtime.TRIM_TAIL = setting == "trimmed"
+                setattr(runtime, flag, setting == settings[0])
                 times[setting]["train"].append(timed(train_step))
                 times[setting]["forward"].append(timed(forward))
-        runtime.TRIM_TAIL = True
+        setattr(runtime, flag, True)
         med = {s: {k: statistics.median(v) for k, v in t.items()} for s, t in times.items()}
-        paired = {k: statistics.median(w / t for t, w in zip(times["trimmed"][k], times["whole"][k]))
+        paired = {k: statistics.median(off / on for on, off in zip(times[settings[0]][k], times[settings[1]][k]))
                   for k in ("train", "forward")}
-        row = {"task": args.task, "method": method, "batch": args.batch_size, "seq_len": int(batch["input_ids"].shape[1]),
+        row = {"switch": args.switch, "task": args.task, "method": method, "batch": args.batch_size, "seq_len": int(batch["input_ids"].shape[1]),
                "pairs": args.pairs, **check,
                **{s: {"train_s": round(med[s]["train"], 4), "forward_s": round(med[s]["forward"], 4),
                       "train_samples_per_s": round(args.batch_size / med[s]["train"], 2),
