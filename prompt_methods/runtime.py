@@ -1,7 +1,8 @@
-"""How a backbone runs on the trainer's device: weight dtype, attention kernel, and optional
-regional ``torch.compile``. Chosen in ``setup`` once the trainer's precision and device are known.
+"""How a backbone runs on the trainer's device: weight dtype, attention kernel, the fused RMSNorm
+for training, and optional regional ``torch.compile``. Chosen in ``setup`` once the trainer's
+precision and device are known.
 
-Defaults (measured on a 2-core AMX CPU with SmolLM2-135M, ``benchmarks/step_speed.py``):
+Defaults (measured on a 2-core AVX512-BF16 CPU with SmolLM2-135M, ``benchmarks/step_speed.py``):
 a frozen backbone's weights are stored in bf16 under ``bf16-mixed`` (no per-step weight casts;
 method parameters stay fp32), and attention is ``grouped`` (``prompt_methods/attention.py``) for
 decoder-only backbones on CPU and ``eager`` for the others there, since the CPU flash-attention
