@@ -195,11 +195,14 @@ FUSE_NORMS = True
 _EPS_NAMES = ("variance_epsilon", "eps")
 
 
+#: torch's fused RMSNorm kernel (output and reciprocal rms in one pass), where this torch has it
+_FUSED_RMS = getattr(torch.ops.aten, "_fused_rms_norm", None)
+
+
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``weight * x / rms(x)`` and the reciprocal rms, from torch's fused kernel where there is one."""
-    fused = getattr(torch.ops.aten, "_fused_rms_norm", None)
-    if fused is not None:
-        return fused(x, [x.size(-1)], weight, eps)
+    if _FUSED_RMS is not None:
+        return _FUSED_RMS(x, [x.size(-1)], weight, eps)
     rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return x * rstd * weight, rstd
 

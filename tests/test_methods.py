@@ -402,6 +402,12 @@ def test_evaluation_loss_is_weighted_and_keeps_a_nan(tiny):
     assert torch.isnan(losses.compute())
 
 
+def multi_token_batch(backbone: str, make_data) -> tuple:
+    """The backbone, a data module whose label words include a two-token one, and its first training batch."""
+    dm = make_data(backbone, label_words={"0": ["terrible", "bad movie"], "1": ["wonderful", "great"]})
+    return backbone, dm, next(iter(dm.train_dataloader()))
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("name", ["hard_prompt_tuned", "soft_prompt", "prefix_tuning", "p_tuning", "fine_tuning"])
 def test_last_layer_runs_only_where_the_answer_is_read(name, arch, tiny, make_data, monkeypatch):
@@ -411,9 +417,7 @@ def test_last_layer_runs_only_where_the_answer_is_read(name, arch, tiny, make_da
     from prompt_methods import runtime
 
     cls, kwargs = METHODS[name]
-    backbone = tiny(arch)
-    dm = make_data(backbone, label_words={"0": ["terrible", "bad movie"], "1": ["wonderful", "great"]})
-    batch = next(iter(dm.train_dataloader()))
+    backbone, dm, batch = multi_token_batch(tiny(arch), make_data)
     results, widths = [], []
     for trim in (True, False):
         monkeypatch.setattr(runtime, "TRIM_TAIL", trim)
@@ -465,9 +469,7 @@ def test_fused_norms_train_as_the_models_own(name, tiny, make_data, monkeypatch)
     from prompt_methods import runtime
 
     cls, kwargs = METHODS[name]
-    backbone = tiny("llama")
-    dm = make_data(backbone, label_words={"0": ["terrible", "bad movie"], "1": ["wonderful", "great"]})
-    batch = next(iter(dm.train_dataloader()))
+    backbone, dm, batch = multi_token_batch(tiny("llama"), make_data)
     results, kinds = [], []
     for fused in (True, False):
         monkeypatch.setattr(runtime, "FUSE_NORMS", fused)
