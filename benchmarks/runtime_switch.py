@@ -3,7 +3,9 @@
 - ``--switch trim_tail``: the last layer's MLP and output projection run only where the answer is
   read (``runtime.last_layer_reads``; settings ``trimmed``/``whole``);
 - ``--switch fuse_norms``: the RMSNorms run through ``runtime.fuse_norms``'s closed-form backward
-  (settings ``fused``/``own``).
+  (settings ``fused``/``own``);
+- ``--switch pack_linears``: frozen linear layers run on oneDNN's packed weights (``runtime.pack_linears``;
+  settings ``packed``/``plain``).
 
     python benchmarks/runtime_switch.py --switch trim_tail --task trec --batch-size 8 --pairs 20 --out benchmarks/results/last_layer_trec.json
     python benchmarks/runtime_switch.py --switch fuse_norms --task trec --batch-size 8 --pairs 20 --out benchmarks/results/fused_norms_trec.json
@@ -13,7 +15,8 @@ stake, so each method's module is built once as ``setup`` builds it under ``bf16
 weights, fp32 stream, ``grouped`` attention; ``benchmarks/step_speed.py``'s ``bf16-weights``) and
 timed with the switch on and off step by step, in ABBA order: ``--pairs`` train steps and forwards
 of each. Reports per method whether one step's loss, scores and gradient are bitwise those with the
-switch off, their relative gradient difference, the medians, the median of the paired ratios (off
+switch off, their relative gradient difference (``--fp32-reference``: the cosine of each gradient to
+the ``32-true`` model's), the medians, the median of the paired ratios (off
 over on) and each setting's train/forward ratio. ``--methods peft:<method>`` adds a PEFT peer
 (needs the ``bench`` extra), timed in the same rotation (neither switch reaches it), for the ratio to it.
 """
@@ -35,25 +38,42 @@ from tasks.spec import load_task
 from step_speed import build  # noqa: E402  (run from the repository root: python benchmarks/runtime_switch.py)
 
 #: switch -> the ``runtime`` flag and the names of its on and off settings
-SWITCHES = {"trim_tail": ("TRIM_TAIL", ("trimmed", "whole")), "fuse_norms": ("FUSE_NORMS", ("fused", "own"))}
+SWITCHES = {"trim_tail": ("TRIM_TAIL", ("trimmed", "whole")), "fuse_norms": ("FUSE_NORMS", ("fused", "own")),
+            "pack_linears": ("PACK_LINEARS", ("packed", "plain"))}
+SWITCHES_BY_FLAG = dict(SWITCHES.values())
 
 
-def same_step(model, batch: dict, flag: str) -> dict:
+def gradient(model, batch: dict, autocast: bool = True) -> tuple:
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss, scores = model.loss(batch)
+    loss.backward()
+    grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+    model.zero_grad()
+    return loss.detach(), scores.detach(), grad
+
+
+def same_step(model, batch: dict, flag: str, reference=None) -> dict:
     """One loss and gradient with the switch on and off (no update): whether they are bitwise equal,
-    and the relative gradient difference."""
+    and the relative gradient difference; with a ``reference`` (the same method as a ``32-true`` run
+    builds it, from the same parameters) each gradient's cosine to the fp32 one, switch off there."""
     out = {}
     for on in (True, False):
         setattr(runtime, flag, on)
-        model.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss, scores = model.loss(batch)
-        loss.backward()
-        grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
-        out[on] = (loss.detach(), scores.detach(), grad)
-    model.zero_grad()
+        out[on] = gradient(model, batch)
     (loss_t, scores_t, grad_t), (loss_w, scores_w, grad_w) = out[True], out[False]
-    return {"bitwise_equal": bool(torch.equal(loss_t, loss_w) and torch.equal(scores_t, scores_w) and torch.equal(grad_t, grad_w)),
-            "grad_rel_diff": float((grad_t - grad_w).norm() / grad_w.norm())}
+    check = {"bitwise_equal": bool(torch.equal(loss_t, loss_w) and torch.equal(scores_t, scores_w) and torch.equal(grad_t, grad_w)),
+             "forward_bitwise_equal": bool(torch.equal(loss_t, loss_w) and torch.equal(scores_t, scores_w)),
+             "grad_rel_diff": float((grad_t - grad_w).norm() / grad_w.norm())}
+    if reference is not None:
+        trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        reference.load_state_dict(trained, strict=False)
+        setattr(runtime, flag, False)
+        exact = gradient(reference, batch, autocast=False)[2]
+        check["fp32_cosine"] = {s: round(torch.nn.functional.cosine_similarity(g, exact, 0).item(), 5)
+                                for s, g in zip(SWITCHES_BY_FLAG[flag], (grad_t, grad_w))}
+    setattr(runtime, flag, True)
+    return check
 
 
 def timed(fn) -> float:
@@ -72,6 +92,8 @@ def main() -> None:
     parser.add_argument("--batch-index", type=int, default=0, help="which training batch (bucketed, seed 0)")
     parser.add_argument("--pairs", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--fp32-reference", action="store_true",
+                        help="also the cosine of each setting's gradient to the 32-true model's")
     parser.add_argument("--out", default="benchmarks/results/runtime_switch.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -86,7 +108,9 @@ def main() -> None:
         peer = method.startswith("peft:")
         train_step, forward = build(method.removeprefix("peft:"), "peft" if peer else "bf16-weights", "grouped", batch,
                                     dm.verbalizer)
-        check = {} if peer else same_step(train_step.model, batch, flag)
+        reference = build(method, "fp32", "grouped", batch, dm.verbalizer)[0].model if args.fp32_reference and not peer else None
+        check = {} if peer else same_step(train_step.model, batch, flag, reference)
+        del reference
         times = {s: {"train": [], "forward": []} for s in settings}
         for setting in settings:  # warm-up: first calls pick kernels
             setattr(runtime, flag, setting == settings[0])

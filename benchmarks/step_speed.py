@@ -68,8 +68,11 @@ def build(method: str, setup: str, attn: str, batch: dict, verbalizer, compile_l
     model.backbone.set_attn_implementation("sdpa" if setup == "peft" else attn)  # PEFT: what from_pretrained gives
     if compile_layers:
         runtime.compile_blocks(model.backbone, attention=model.compile_attention)
-    elif model.fused_norms:  # as PromptModule.setup (the PEFT peer keeps the model's own norms)
-        runtime.fuse_norms(model.backbone)
+    else:  # as PromptModule.setup (the PEFT peer keeps the model's own norms and plain matmuls)
+        if model.fused_norms:
+            runtime.fuse_norms(model.backbone)
+        if model.packs_weights:
+            runtime.pack_linears(model.backbone)
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if setup not in ("fp32", "bf16-pure") else nullcontext
     opt = adamw([p for p in model.parameters() if p.requires_grad], 1e-3, fused)  # fused, as training has it
 

@@ -78,7 +78,7 @@ class PeftPeer(PromptModule):
     """
 
     method_params = ("peft_model",)
-    fused_norms = False  # the backbone as PEFT runs it
+    fused_norms = packs_weights = False  # the backbone as PEFT runs it
 
     def __init__(self, peft_method: str = "soft_prompt", num_virtual_tokens: int = 20, init: str = "vocab",
                  init_text: str | None = None, init_seed: int | None = None, init_vocab_ids: int | None = None,

@@ -12,6 +12,7 @@ for runs long enough to amortize the compile.
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -294,3 +295,170 @@ def fuse_norms(backbone: nn.Module) -> int:
             module.forward = forward.__get__(module)
             count += 1
     return count
+
+
+
+#: switched off by benchmarks that compare against plain matmuls (:func:`pack_linears`)
+PACK_LINEARS = True
+#: sibling linear layers that a layer calls on the same input one after the other (Llama-style
+#: attention and gated MLPs): :func:`pack_linears` runs each such set as one matmul
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+_PACK_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _pack_ops_available() -> bool:
+    mkldnn = getattr(torch.ops, "mkldnn", None)
+    return (torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_reorder_linear_weight")
+            and hasattr(mkldnn, "_linear_pointwise"))
+
+
+class _Packed:
+    """Linear layers that run as one matmul on oneDNN's packed copy of their stacked weights (one layer,
+    or siblings reading the same input). Holds the layers weakly; packs on first use and again whenever
+    a weight's storage or version changes; the input-gradient copy (the stacked weight transposed) is
+    packed at the first backward. A sibling's share of a product waits in ``ready`` for its own call."""
+
+    def __init__(self, members: list[nn.Linear]):
+        self.members = [weakref.ref(m) for m in members]
+        self.sizes = [m.out_features for m in members]
+        self.key, self.weight, self.weight_t, self.bias = None, None, None, None
+        self.ready: dict[int, tuple] = {}
+
+    def modules(self) -> list[nn.Linear] | None:
+        mods = [ref() for ref in self.members]
+        return None if any(m is None for m in mods) else mods
+
+    def packs(self, mods: list[nn.Linear], rows: int, backward: bool = False):
+        key = tuple((m.weight.data_ptr(), _version(m.weight), m.weight.dtype) for m in mods)
+        if key != self.key:
+            stacked = torch.cat([m.weight.detach() for m in mods]) if len(mods) > 1 else mods[0].weight.detach()
+            self.key, self.weight_t = key, None
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(stacked, rows)
+            biases = [m.bias for m in mods]
+            self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+        if backward and self.weight_t is None:
+            stacked = torch.cat([m.weight.detach() for m in mods]) if len(mods) > 1 else mods[0].weight.detach()
+            self.weight_t = torch.ops.mkldnn._reorder_linear_weight(stacked.t().contiguous(), rows)
+        return self.weight_t if backward else self.weight
+
+
+#: linear layer -> its :class:`_Packed`; weak, so that a freed model frees its packs (a deep copy's
+#: layers have no entry and pack alone, until :func:`pack_linears` runs on the copy)
+_GROUPS: "weakref.WeakKeyDictionary[nn.Module, _Packed]" = weakref.WeakKeyDictionary()
+
+
+class _PackedLinear(torch.autograd.Function):
+    """``x @ W.T + b`` for frozen ``W`` through oneDNN's packed copies of ``W`` (the forward) and of
+    ``W.T`` (the input gradient). No weight or bias gradient: used only where neither is trained."""
+
+    @staticmethod
+    def forward(ctx, x, group, mods):
+        ctx.group, ctx.mods, ctx.rows = group, mods, max(1, x.numel() // max(1, x.size(-1)))
+        packed = group.packs(mods, ctx.rows)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, group.bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad):
+        packed_t = ctx.group.packs(ctx.mods, ctx.rows, backward=True)
+        return torch.ops.mkldnn._linear_pointwise(grad.contiguous(), packed_t, None, "none", [], ""), None, None
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """The tensor's in-place version (an inference tensor has none, and cannot change in place)."""
+    return -1 if tensor.is_inference() else tensor._version
+
+
+def _eligible(module: nn.Module, dtype: torch.dtype) -> bool:
+    weight, bias = module.weight, module.bias
+    return (not weight.requires_grad and weight.dtype == dtype and weight.device.type == "cpu"
+            and (bias is None or (not bias.requires_grad and bias.dtype == dtype)))
+
+
+def _split(group: _Packed) -> None:
+    """The group's layers go on alone (a sibling was called without the others, or one is trained)."""
+    for module in group.modules() or []:
+        _GROUPS[module] = _Packed([module])
+
+
+def linear_forward(self, x):
+    """The forward :func:`pack_linears` gives an ``nn.Linear``: :class:`_PackedLinear` where the weight
+    is frozen, on the CPU, fp32 or bf16, and the input has (or autocast gives it) the weight's dtype;
+    the class's forward otherwise. A layer with siblings computes their products too, in the same
+    matmul, and each sibling called next on the same input takes its share. Bound to the module as a
+    method, as :func:`forward` is."""
+    weight = self.weight
+    if (not PACK_LINEARS or not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.device.type != "cpu"
+            or x.numel() == 0 or self.__dict__.get("_promptlit_unpackable", False)):
+        return type(self).forward(self, x)
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    if dtype not in _PACK_DTYPES or not _eligible(self, dtype):
+        return type(self).forward(self, x)
+    group = _GROUPS.get(self)
+    mods = None if group is None else group.modules()
+    if mods is None or self not in mods:
+        group, mods = _Packed([self]), [self]
+        _GROUPS[self] = group
+    index = mods.index(self)
+    if len(mods) > 1:
+        ready = group.ready.pop(index, None)
+        if ready is not None and ready[0]() is x and ready[1] == _version(x) and ready[2] == torch.is_grad_enabled():
+            return ready[3]
+        if group.ready or not all(_eligible(m, dtype) for m in mods):  # a share nobody took: not siblings here
+            group.ready.clear()
+            _split(group)
+            return linear_forward(self, x)
+    try:
+        out = _PackedLinear.apply(x.to(dtype), group, mods)
+    except RuntimeError:  # a oneDNN build that refuses this dtype or shape: the plain matmul, from now on
+        for module in mods:
+            module.__dict__["_promptlit_unpackable"] = True
+        return type(self).forward(self, x)
+    if len(mods) == 1:
+        return out
+    shares = out.split(group.sizes, dim=-1)
+    grad = torch.is_grad_enabled()
+    group.ready = {i: (weakref.ref(x), _version(x), grad, share) for i, share in enumerate(shares) if i != index}
+    return shares[index]
+
+
+def _siblings(parent: nn.Module) -> list[list[nn.Linear]]:
+    found = []
+    for names in SIBLINGS:
+        mods = [parent._modules.get(name) for name in names]
+        if (all(type(m) is nn.Linear for m in mods) and len({m.in_features for m in mods}) == 1
+                and len({m.weight.dtype for m in mods}) == 1 and len({m.bias is None for m in mods}) == 1):
+            found.append(mods)
+    return found
+
+
+def pack_linears(backbone: nn.Module) -> int:
+    """Run the backbone's plain ``nn.Linear`` layers whose weights are frozen on oneDNN's packed weights
+    (:func:`linear_forward`), and each set of :data:`SIBLINGS` as one matmul: the same products
+    (bitwise, on the shapes checked), faster on a CPU (``benchmarks/runtime_switch.py --switch
+    pack_linears``), for up to two packed copies of the frozen weights in memory (the input-gradient
+    copy only once a backward runs). Packing happens at a layer's first call, so layers that never run
+    on the CPU cost nothing; trained weights, other devices and compiled layers keep the plain forward.
+    Returns the number of layers switched (0 where this torch has no oneDNN)."""
+    if not _pack_ops_available():
+        return 0
+    count = 0
+    for parent in backbone.modules():
+        for mods in _siblings(parent):
+            if not all(isinstance(m.__dict__.get("forward"), type(None)) or _bound_to(m, linear_forward) for m in mods):
+                continue
+            group = _GROUPS.get(mods[0])
+            if group is None or group.modules() != mods:
+                group = _Packed(mods)
+                for module in mods:
+                    _GROUPS[module] = group
+    for module in backbone.modules():
+        if _bound_to(module, linear_forward):
+            count += 1
+        elif type(module) is nn.Linear and "forward" not in module.__dict__ and not _compiled(module):
+            module.forward = linear_forward.__get__(module)
+            count += 1
+    return count
+
+
+def _bound_to(module: nn.Module, function) -> bool:
+    return getattr(module.__dict__.get("forward"), "__func__", None) is function

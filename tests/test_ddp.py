@@ -80,8 +80,9 @@ def test_ddp_scores_an_odd_split_once(task, tiny, family_files, tmp_path):
         assert any(0 < score < 1 for score in scores["single"])  # so there the case guards the gather itself
     torch.testing.assert_close(scores["ddp"], scores["single"], rtol=0, atol=1e-6)
     # the loss too is the mean over the five examples, not a mean of the two processes' means (3 and 2)
+    # (fp32 rounding aside: batches of 2 and 4 rows may sum a matmul in another order, ~25 on SemEval)
     losses = {name: torch.tensor([float(r["val/loss"]) for r in rows[name]]) for name in rows}
-    torch.testing.assert_close(losses["ddp"], losses["single"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(losses["ddp"], losses["single"], rtol=1e-6, atol=1e-5)
 
 
 def test_ddp_predict_writes_every_rank_into_one_run_folder(tiny, family_files, tmp_path):

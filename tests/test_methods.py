@@ -493,6 +493,121 @@ def test_fused_norms_train_as_the_models_own(name, tiny, make_data, monkeypatch)
     assert_same_training(*results)
 
 
+
+@pytest.mark.parametrize("name", ["hard_prompt_tuned", "soft_prompt", "prefix_tuning", "p_tuning", "fine_tuning"])
+def test_packed_linears_train_as_plain_matmuls(name, tiny, make_data, monkeypatch):
+    """``setup`` runs a frozen backbone's linear layers on oneDNN's packed weights, queries, keys and
+    values (and the MLP's gate and up projections) as one matmul each: the same scores, loss and
+    gradients as plain matmuls. A tuned backbone's layers keep the plain matmuls (their weights move)."""
+    from prompt_methods import runtime
+
+    if not runtime._pack_ops_available():
+        pytest.skip("this torch has no oneDNN")
+    calls = []
+    packed = runtime._PackedLinear.forward
+
+    def counted(ctx, x, group, mods):
+        calls.append(len(mods))
+        return packed(ctx, x, group, mods)
+
+    monkeypatch.setattr(runtime._PackedLinear, "forward", staticmethod(counted))
+    cls, kwargs = METHODS[name]
+    backbone, dm, batch = multi_token_batch(tiny("llama"), make_data)
+    results, runs = [], []
+    for on in (True, False):
+        monkeypatch.setattr(runtime, "PACK_LINEARS", on)
+        torch.manual_seed(0)
+        model = cls(backbone=backbone, verbalizer=dm.verbalizer, **kwargs)
+        model.setup("fit")
+        model.train()
+        model.eval()
+        calls.clear()
+        results.append(loss_scores_grads(model, batch))
+        runs.append(sorted(set(calls)))
+    assert runs[1] == []  # switched off: no packed matmul
+    if model.tune_backbone:
+        assert runs[0] == []
+    else:
+        assert runs[0] == [1, 2, 3]  # lone layers, gate with up, queries with keys and values
+    assert_same_training(*results)
+
+
+def test_packed_linears_follow_their_weights():
+    """A packed layer matches ``F.linear`` (bitwise under bf16 autocast), repacks when its weight
+    changes in place, leaves a trained weight, a float16 input and a deep copy's weights to the
+    right matmul, and siblings called on different inputs go on alone with the right products."""
+    import copy
+
+    from torch import nn
+
+    from prompt_methods import runtime
+
+    if not runtime._pack_ops_available():
+        pytest.skip("this torch has no oneDNN")
+    torch.manual_seed(0)
+    block = nn.Module()
+    block.q_proj, block.k_proj, block.v_proj = nn.Linear(16, 16, bias=False), nn.Linear(16, 8, bias=False), nn.Linear(16, 8, bias=False)
+    block.gate_proj, block.up_proj, block.lone = nn.Linear(16, 32), nn.Linear(16, 32), nn.Linear(16, 4)
+    block.requires_grad_(False)
+    assert runtime.pack_linears(block) == 6
+    assert runtime.pack_linears(block) == 6  # counted, not wrapped again
+    names = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lone")
+    x = torch.randn(3, 5, 16, requires_grad=True)
+
+    def both(module, inp):
+        return module(inp), torch.nn.functional.linear(inp, module.weight, module.bias)
+
+    for name in names:  # siblings in call order, each on the same input
+        out, ref = both(getattr(block, name), x)
+        torch.testing.assert_close(out, ref)
+    grads = []
+    for packed in (True, False):
+        runtime.PACK_LINEARS = packed
+        try:
+            x.grad = None
+            q, k, v = block.q_proj(x), block.k_proj(x), block.v_proj(x)
+            (q.sin().sum() + k.sum() * 2 + v.cos().sum()).backward()
+            grads.append(x.grad.clone())
+        finally:
+            runtime.PACK_LINEARS = True
+        if packed:  # one product: keys and values are the queries' siblings in its storage
+            assert k.untyped_storage().data_ptr() == q.untyped_storage().data_ptr()
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-5)
+    assert grads[0].abs().max() > 0
+    assert runtime._GROUPS[block.k_proj] is runtime._GROUPS[block.q_proj]
+    with torch.inference_mode():  # Lightning's test and predict: inference tensors have no version counter
+        z = torch.randn(2, 16)
+        for name in ("q_proj", "k_proj", "v_proj"):
+            torch.testing.assert_close(*both(getattr(block, name), z))
+    assert runtime._GROUPS[block.k_proj] is runtime._GROUPS[block.q_proj]  # still siblings
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        block.bfloat16()
+        out = block.lone(x)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out, torch.nn.functional.linear(x.bfloat16(), block.lone.weight, block.lone.bias), atol=0, rtol=0)
+    block.float()
+    block.lone(x)
+    with torch.no_grad():
+        block.lone.weight.mul_(2)  # in place: the next call repacks
+    torch.testing.assert_close(block.lone(x), torch.nn.functional.linear(x, block.lone.weight, block.lone.bias))
+    twin = copy.deepcopy(block)
+    with torch.no_grad():
+        twin.lone.weight.mul_(3)
+    torch.testing.assert_close(twin.lone(x), torch.nn.functional.linear(x, twin.lone.weight, twin.lone.bias))
+    block.lone.weight.requires_grad_(True)  # trained: the plain matmul, with its weight gradient
+    block.lone(x).sum().backward()
+    assert block.lone.weight.grad is not None and block.lone.weight.grad.abs().max() > 0
+    half = nn.Linear(16, 4).half().requires_grad_(False)  # float16: oneDNN's packing is not used
+    assert runtime.pack_linears(half) == 1
+    torch.testing.assert_close(half(x.detach().half()), torch.nn.functional.linear(x.detach().half(), half.weight, half.bias))
+    assert half not in runtime._GROUPS
+    y = torch.randn(3, 5, 16)
+    for name, inp in (("q_proj", x), ("k_proj", y), ("v_proj", x), ("q_proj", y)):  # keys from another input
+        out, ref = both(getattr(block, name), inp)
+        torch.testing.assert_close(out, ref)
+    assert runtime._GROUPS[block.k_proj] is not runtime._GROUPS[block.q_proj]  # not siblings here: each alone
+    assert [m.__dict__.get("_promptlit_unpackable", False) for m in (block.q_proj, block.k_proj)] == [False, False]
+
 def test_fused_norm_gradient_is_the_closed_form():
     """The fused norm's backward against numerical gradients, for the input and the weight."""
     from prompt_methods.runtime import _RMSNorm

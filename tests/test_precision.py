@@ -261,3 +261,45 @@ def test_fused_norms_run_in_every_training_step(name, tiny, make_data, monkeypat
                         enable_checkpointing=False, callbacks=[Count()])
     trainer.fit(model, datamodule=dm)
     assert len(per_step) == 3 and min(per_step) >= 5  # two norms per layer and the final one, each step
+
+
+@pytest.mark.parametrize("name,pack", [("soft_prompt", True), ("soft_prompt", False), ("hard_prompt_tuned", True)])
+def test_packed_linears_run_in_every_training_step(name, pack, tiny, make_data, monkeypatch):
+    """Under bf16-mixed a frozen backbone's linear layers run on packed weights in every training step,
+    after validation too (four products per Llama layer: queries with keys and values, the output
+    projection, gate with up, down); ``pack_weights: false`` and a tuned backbone run none."""
+    from prompt_methods import runtime
+
+    if not runtime._pack_ops_available():
+        pytest.skip("this torch has no oneDNN")
+    calls = []
+    packed = runtime._PackedLinear.forward
+
+    def counted(ctx, x, group, mods):
+        calls.append(x.dtype)
+        return packed(ctx, x, group, mods)
+
+    monkeypatch.setattr(runtime._PackedLinear, "forward", staticmethod(counted))
+    backbone = tiny("llama")
+    dm = make_data(backbone)
+    cls, kwargs = METHODS[name]
+    model = cls(backbone=backbone, verbalizer=dm.verbalizer, pack_weights=pack, **kwargs)
+    per_step = []
+
+    class Count(L.Callback):
+        def on_train_batch_start(self, *args):
+            calls.clear()
+
+        def on_train_batch_end(self, *args):
+            per_step.append((len(calls), set(calls)))
+
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=3, val_check_interval=1, limit_val_batches=1,
+                        num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, callbacks=[Count()])
+    trainer.fit(model, datamodule=dm)
+    layers = model.backbone.config.num_hidden_layers
+    assert len(per_step) == 3
+    if pack and not model.tune_backbone:
+        assert all(n >= 4 * layers and kinds == {torch.bfloat16} for n, kinds in per_step)
+    else:
+        assert all(n == 0 for n, _ in per_step)
