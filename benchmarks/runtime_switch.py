@@ -91,6 +91,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--batch-index", type=int, default=0, help="which training batch (bucketed, seed 0)")
     parser.add_argument("--pairs", type=int, default=20)
+    parser.add_argument("--batches", type=int, default=1,
+                        help="time pair i on training batch batch-index + i mod N (N > 1: the lengths vary, as in training)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--fp32-reference", action="store_true",
                         help="also the cosine of each setting's gradient to the 32-true model's")
@@ -99,9 +101,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dm = DATAMODULES[load_task(args.task).family](task=args.task, batch_size=args.batch_size, max_length=args.max_length,
-                                                  max_train_samples=args.batch_size * (args.batch_index + 1))
+                                                  max_train_samples=args.batch_size * (args.batch_index + args.batches))
     dm.setup()
-    batch = list(dm.train_dataloader())[args.batch_index]
+    batches = list(dm.train_dataloader())[args.batch_index:args.batch_index + args.batches]
+    batch = batches[0]
     flag, settings = SWITCHES[args.switch]
     rows = []
     for method in args.methods:
@@ -118,13 +121,15 @@ def main() -> None:
         for i in range(args.pairs):
             for setting in (settings if i % 2 == 0 else settings[::-1]):
                 setattr(runtime, flag, setting == settings[0])
-                times[setting]["train"].append(timed(train_step))
-                times[setting]["forward"].append(timed(forward))
+                step_batch = batches[i % len(batches)]
+                times[setting]["train"].append(timed(lambda: train_step(step_batch)))
+                times[setting]["forward"].append(timed(lambda: forward(step_batch)))
         setattr(runtime, flag, True)
         med = {s: {k: statistics.median(v) for k, v in t.items()} for s, t in times.items()}
         paired = {k: statistics.median(off / on for on, off in zip(times[settings[0]][k], times[settings[1]][k]))
                   for k in ("train", "forward")}
-        row = {"switch": args.switch, "task": args.task, "method": method, "batch": args.batch_size, "seq_len": int(batch["input_ids"].shape[1]),
+        row = {"switch": args.switch, "task": args.task, "method": method, "batch": args.batch_size,
+               "seq_len": sorted({int(b["input_ids"].shape[1]) for b in batches}) if len(batches) > 1 else int(batch["input_ids"].shape[1]),
                "pairs": args.pairs, **check,
                **{s: {"train_s": round(med[s]["train"], 4), "forward_s": round(med[s]["forward"], 4),
                       "train_samples_per_s": round(args.batch_size / med[s]["train"], 2),

@@ -76,16 +76,16 @@ def build(method: str, setup: str, attn: str, batch: dict, verbalizer, compile_l
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if setup not in ("fp32", "bf16-pure") else nullcontext
     opt = adamw([p for p in model.parameters() if p.requires_grad], 1e-3, fused)  # fused, as training has it
 
-    def train_step():
+    def train_step(step_batch=batch):
         with ctx():
-            loss = model.loss(batch)[0]
+            loss = model.loss(step_batch)[0]
         opt.zero_grad()
         loss.backward()
         opt.step()
 
-    def forward():
+    def forward(step_batch=batch):
         with torch.no_grad(), ctx():
-            model.loss(batch)
+            model.loss(step_batch)
 
     train_step.model = model  # for scripts that inspect the module they time (benchmarks/runtime_switch.py)
     return train_step, forward

@@ -70,9 +70,10 @@ class PromptModule(Feeding, L.LightningModule):
             keys/values the other rows attend to, where that saves positions
             (:mod:`prompt_methods.prompt_cache`); the same scores. ``false``: every row.
         pack_weights: on a CPU, run the backbone's frozen linear layers on oneDNN's packed copies of
-            their weights (:func:`~prompt_methods.runtime.pack_linears`): the same products, about 10%
-            faster matmuls at a short batch's shapes, for up to two extra copies of those weights in
-            memory (the second once a backward runs). ``false``: the plain matmuls, no copies.
+            their weights, sibling projections as one matmul (:func:`~prompt_methods.runtime.pack_linears`):
+            the same forward, a train step 7-11% faster on SmolLM2, for up to two extra copies of those
+            weights in memory (the second once a backward runs). ``auto``: where the copies fit in a
+            quarter of the memory available at setup; ``true``; ``false``: the plain matmuls, no copies.
     """
 
     #: parameter-name prefixes the method trains (besides the readout head)
@@ -104,7 +105,7 @@ class PromptModule(Feeding, L.LightningModule):
         compile: bool = False,
         share_prompt: bool = True,
         residual_dtype: str = "float32",
-        pack_weights: bool = True,
+        pack_weights: bool | str = "auto",
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["verbalizer", "labels"])
@@ -123,7 +124,7 @@ class PromptModule(Feeding, L.LightningModule):
             readout = "span" if resolve_kind(backbone, backbone_kind, trust_remote_code) in ("encoder", "mlm") else "generate"
         if not verbalizer and readout not in ("generate", "span"):
             raise ValueError("model.init_args.verbalizer is empty: the CLI links it from the data module's label words")
-        runtime.check_settings(backbone_dtype, attn_implementation, residual_dtype)  # fail here, not in setup
+        runtime.check_settings(backbone_dtype, attn_implementation, residual_dtype, pack_weights)  # fail here, not in setup
         self.backbone, self.kind = load_backbone(backbone, backbone_kind, trust_remote_code)
         self.tokenizer = load_tokenizer(backbone, trust_remote_code)
         if len(self.tokenizer) > self.backbone.get_input_embeddings().num_embeddings:
@@ -219,7 +220,7 @@ class PromptModule(Feeding, L.LightningModule):
             self._compiled = runtime.compile_blocks(self.backbone, attention=self.compile_attention)
         if self.fused_norms and not self._compiled:
             self._norms_fused = runtime.fuse_norms(self.backbone) > 0
-        if self.pack_weights and self.packs_weights and not self._compiled and device == "cpu":
+        if self.packs_weights and not self._compiled and runtime.should_pack(self.pack_weights, self.backbone, device):
             self._linears_packed = runtime.pack_linears(self.backbone) > 0
 
     def train(self, mode: bool = True):

@@ -29,8 +29,11 @@ DTYPES = ("auto", "float32", "bfloat16")
 RESIDUAL_DTYPES = ("float32", "bfloat16")
 
 
-def check_settings(dtype: str, attn: str, residual: str = "float32") -> None:
-    """Refuse an unknown ``backbone_dtype``, ``attn_implementation`` or ``residual_dtype``, naming the config key."""
+def check_settings(dtype: str, attn: str, residual: str = "float32", pack: bool | str = "auto") -> None:
+    """Refuse an unknown ``backbone_dtype``, ``attn_implementation``, ``residual_dtype`` or
+    ``pack_weights``, naming the config key."""
+    if pack not in (True, False, "auto"):
+        raise ValueError(f"model.init_args.pack_weights: '{pack}' is not auto, true or false")
     if dtype not in DTYPES:
         raise ValueError(f"model.init_args.backbone_dtype: '{dtype}' is not auto, float32 or bfloat16")
     if residual not in RESIDUAL_DTYPES:
@@ -458,6 +461,40 @@ def pack_linears(backbone: nn.Module) -> int:
             module.forward = linear_forward.__get__(module)
             count += 1
     return count
+
+
+#: ``pack_weights: auto`` packs where the packed copies would take at most this share of the memory
+#: available at setup
+PACK_MEMORY_SHARE = 0.25
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux's ``MemAvailable``), None where unknown."""
+    try:
+        with open("/proc/meminfo") as lines:
+            for line in lines:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def packed_bytes(backbone: nn.Module) -> int:
+    """The most memory :func:`pack_linears` adds: two packed copies of every frozen linear weight."""
+    return 2 * sum(m.weight.numel() * m.weight.element_size() for m in backbone.modules()
+                   if type(m) is nn.Linear and not m.weight.requires_grad)
+
+
+def should_pack(setting: bool | str, backbone: nn.Module, device_type: str) -> bool:
+    """``pack_weights``: never off the CPU; ``auto`` where the packed copies fit in
+    :data:`PACK_MEMORY_SHARE` of the available memory (or that is unknown)."""
+    if setting is False or device_type != "cpu":
+        return False
+    if setting is True:
+        return True
+    free = available_memory()
+    return free is None or packed_bytes(backbone) <= PACK_MEMORY_SHARE * free
 
 
 def _bound_to(module: nn.Module, function) -> bool:

@@ -303,3 +303,25 @@ def test_packed_linears_run_in_every_training_step(name, pack, tiny, make_data, 
         assert all(n >= 4 * layers and kinds == {torch.bfloat16} for n, kinds in per_step)
     else:
         assert all(n == 0 for n, _ in per_step)
+
+
+def test_pack_weights_setting(tiny, make_data, monkeypatch):
+    """``pack_weights``: a bad value names its key; ``auto`` packs where two copies of the frozen linear
+    weights fit in a quarter of the available memory (or that is unknown); never off the CPU."""
+    from torch import nn
+
+    from prompt_methods import SoftPrompt, runtime
+
+    dm = make_data(tiny("llama"))
+    with pytest.raises(ValueError, match="model.init_args.pack_weights: 'yes'"):
+        SoftPrompt(backbone=tiny("llama"), verbalizer=dm.verbalizer, pack_weights="yes")
+    layer = nn.Linear(16, 16).requires_grad_(False)
+    assert runtime.packed_bytes(layer) == 2 * 16 * 16 * 4
+    for free, packs in ((4 * 2048, True), (4 * 2048 - 4, False), (None, True)):
+        monkeypatch.setattr(runtime, "available_memory", lambda free=free: free)
+        assert runtime.should_pack("auto", layer, "cpu") is packs
+        assert runtime.should_pack(True, layer, "cpu") and not runtime.should_pack(False, layer, "cpu")
+        assert not runtime.should_pack("auto", layer, "cuda") and not runtime.should_pack(True, layer, "cuda")
+    assert runtime.packed_bytes(nn.Linear(16, 16)) == 0  # trained weights are not packed
+    monkeypatch.undo()
+    assert runtime.available_memory() is None or runtime.available_memory() > 0
