@@ -220,8 +220,21 @@ class PromptModule(Feeding, L.LightningModule):
             self._compiled = runtime.compile_blocks(self.backbone, attention=self.compile_attention)
         if self.fused_norms and not self._compiled:
             self._norms_fused = runtime.fuse_norms(self.backbone) > 0
-        if self.packs_weights and not self._compiled and runtime.should_pack(self.pack_weights, self.backbone, device):
+        if (self.packs_weights and not self._compiled and self._whole_weights()
+                and runtime.should_pack(self.pack_weights, self.backbone, device)):
             self._linears_packed = runtime.pack_linears(self.backbone) > 0
+
+    def _whole_weights(self) -> bool:
+        """Whether each process holds the backbone's whole weights for the run (one device, or DDP's
+        replicas), not shards that a strategy gathers for each forward (FSDP, DeepSpeed), whose
+        storage a packed copy could not follow."""
+        if self._trainer is None:
+            return True
+        from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+
+        strategy = self.trainer.strategy
+        return isinstance(strategy, SingleDeviceStrategy) or (isinstance(strategy, DDPStrategy)
+                                                                and not isinstance(strategy, DeepSpeedStrategy))
 
     def train(self, mode: bool = True):
         """Also keeps the fused norms and packed linear layers: transformers re-kernelizes a model whose

@@ -356,13 +356,16 @@ class _PackedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group, mods):
-        ctx.group, ctx.mods, ctx.rows = group, mods, max(1, x.numel() // max(1, x.size(-1)))
+        ctx.group, ctx.rows = group, max(1, x.numel() // max(1, x.size(-1)))  # the layers stay weakly held
         packed = group.packs(mods, ctx.rows)
         return torch.ops.mkldnn._linear_pointwise(x, packed, group.bias, "none", [], "")
 
     @staticmethod
     def backward(ctx, grad):
-        packed_t = ctx.group.packs(ctx.mods, ctx.rows, backward=True)
+        mods = ctx.group.modules()
+        if mods is None and ctx.group.weight_t is None:
+            raise RuntimeError("a packed linear layer was freed before its backward ran")
+        packed_t = ctx.group.packs(mods, ctx.rows, backward=True) if mods is not None else ctx.group.weight_t
         return torch.ops.mkldnn._linear_pointwise(grad.contiguous(), packed_t, None, "none", [], ""), None, None
 
 

@@ -325,3 +325,21 @@ def test_pack_weights_setting(tiny, make_data, monkeypatch):
     assert runtime.packed_bytes(nn.Linear(16, 16)) == 0  # trained weights are not packed
     monkeypatch.undo()
     assert runtime.available_memory() is None or runtime.available_memory() > 0
+
+
+def test_weights_pack_only_where_each_process_holds_them_whole(tiny, make_data):
+    """One device and DDP replicas hold whole weights, which packing may copy; FSDP and DeepSpeed shard
+    them and gather them for each forward, so their runs keep the plain matmuls."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy
+
+    from prompt_methods import SoftPrompt
+
+    dm = make_data(tiny("llama"))
+    model = SoftPrompt(backbone=tiny("llama"), verbalizer=dm.verbalizer)
+    assert model._whole_weights()  # no trainer: a module used on its own
+    for strategy, whole in ((SingleDeviceStrategy(device="cpu"), True), (DDPStrategy(), True),
+                            (FSDPStrategy(), False), (DeepSpeedStrategy.__new__(DeepSpeedStrategy), False)):
+        model._trainer = SimpleNamespace(strategy=strategy)
+        assert model._whole_weights() is whole, type(strategy).__name__
