@@ -1,5 +1,6 @@
 """How a backbone runs on the trainer's device: weight dtype, attention kernel, the fused RMSNorm
-for training, and optional regional ``torch.compile``. Chosen in ``setup`` once the trainer's
+for training, frozen linear layers on oneDNN's packed weights (sibling projections stacked), and
+optional regional ``torch.compile``. Chosen in ``setup`` once the trainer's
 precision and device are known.
 
 Defaults (measured on a 2-core AVX512-BF16 CPU with SmolLM2-135M, ``benchmarks/step_speed.py``):
@@ -409,7 +410,8 @@ def linear_forward(self, x):
         ready = group.ready.pop(index, None)
         if ready is not None and ready[0]() is x and ready[1] == _version(x) and ready[2] == torch.is_grad_enabled():
             return ready[3]
-        if group.ready or not all(_eligible(m, dtype) for m in mods):  # a share nobody took: not siblings here
+        if ready is not None or group.ready or not all(_eligible(m, dtype) for m in mods):
+            # a share computed for another input, or one nobody took: not siblings here
             group.ready.clear()
             _split(group)
             return linear_forward(self, x)

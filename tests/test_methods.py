@@ -606,6 +606,9 @@ def test_packed_linears_follow_their_weights():
         out, ref = both(getattr(block, name), inp)
         torch.testing.assert_close(out, ref)
     assert runtime._GROUPS[block.k_proj] is not runtime._GROUPS[block.q_proj]  # not siblings here: each alone
+    for name, inp in (("gate_proj", x), ("up_proj", y), ("gate_proj", x), ("up_proj", y)):  # a pair, the same way
+        torch.testing.assert_close(*both(getattr(block, name), inp))
+    assert runtime._GROUPS[block.gate_proj] is not runtime._GROUPS[block.up_proj]
     assert [m.__dict__.get("_promptlit_unpackable", False) for m in (block.q_proj, block.k_proj)] == [False, False]
 
 def test_fused_norm_gradient_is_the_closed_form():
