@@ -402,6 +402,18 @@ def test_evaluation_loss_is_weighted_and_keeps_a_nan(tiny):
     assert torch.isnan(losses.compute())
 
 
+def switched(flag: str, name: str, backbone: str, dm, monkeypatch):
+    """The method's module for ``dm``, built from seed 0 with the ``runtime`` switch ``flag`` on, then
+    again with it off: yields ``(on, module)``."""
+    from prompt_methods import runtime
+
+    cls, kwargs = METHODS[name]
+    for on in (True, False):
+        monkeypatch.setattr(runtime, flag, on)
+        torch.manual_seed(0)
+        yield on, cls(backbone=backbone, verbalizer=dm.verbalizer, **kwargs)
+
+
 def multi_token_batch(backbone: str, make_data) -> tuple:
     """The backbone, a data module whose label words include a two-token one, and its first training batch."""
     dm = make_data(backbone, label_words={"0": ["terrible", "bad movie"], "1": ["wonderful", "great"]})
@@ -466,15 +478,9 @@ def test_fused_norms_train_as_the_models_own(name, tiny, make_data, monkeypatch)
     """``setup`` runs the Llama RMSNorms through promptlit's fused norm: the same scores, loss and
     gradients as the model's own norms (a tuned backbone's norm weights included), on norm weights
     that are not all ones."""
-    from prompt_methods import runtime
-
-    cls, kwargs = METHODS[name]
     backbone, dm, batch = multi_token_batch(tiny("llama"), make_data)
     results, kinds = [], []
-    for fused in (True, False):
-        monkeypatch.setattr(runtime, "FUSE_NORMS", fused)
-        torch.manual_seed(0)
-        model = cls(backbone=backbone, verbalizer=dm.verbalizer, **kwargs)
+    for _, model in switched("FUSE_NORMS", name, backbone, dm, monkeypatch):
         norms = [m for m in model.backbone.modules() if type(m).__name__ == "LlamaRMSNorm"]
         gen = torch.Generator().manual_seed(1)
         with torch.no_grad():
@@ -511,13 +517,9 @@ def test_packed_linears_train_as_plain_matmuls(name, tiny, make_data, monkeypatc
         return packed(ctx, x, group, mods)
 
     monkeypatch.setattr(runtime._PackedLinear, "forward", staticmethod(counted))
-    cls, kwargs = METHODS[name]
     backbone, dm, batch = multi_token_batch(tiny("llama"), make_data)
     results, runs = [], []
-    for on in (True, False):
-        monkeypatch.setattr(runtime, "PACK_LINEARS", on)
-        torch.manual_seed(0)
-        model = cls(backbone=backbone, verbalizer=dm.verbalizer, **kwargs)
+    for _, model in switched("PACK_LINEARS", name, backbone, dm, monkeypatch):
         model.setup("fit")
         model.train()
         model.eval()
