@@ -71,7 +71,7 @@ class PromptModule(Feeding, L.LightningModule):
             (:mod:`prompt_methods.prompt_cache`); the same scores. ``false``: every row.
         pack_weights: on a CPU, run the backbone's frozen linear layers on oneDNN's packed copies of
             their weights, sibling projections as one matmul (:func:`~prompt_methods.runtime.pack_linears`):
-            the same forward, a train step 7-11% faster on SmolLM2, for up to two extra copies of those
+            the same forward, a train step 7-16% faster on SmolLM2, for up to two extra copies of those
             weights in memory (the second once a backward runs). ``auto``: where the copies fit in a
             quarter of the memory available at setup; ``true``; ``false``: the plain matmuls, no copies.
     """
