@@ -287,8 +287,7 @@ def fuse_norms(backbone: nn.Module) -> int:
     compiled layers are left alone. Returns the number of norms running fused."""
     count, verdict = 0, {}
     for module in backbone.modules():
-        bound = module.__dict__.get("forward")
-        if getattr(bound, "__func__", None) is forward:
+        if _bound_to(module, forward):
             count += 1
             continue
         if not _fusable(module):
@@ -335,15 +334,18 @@ class _Packed:
     def packs(self, mods: list[nn.Linear], rows: int, backward: bool = False):
         key = tuple((m.weight.data_ptr(), _version(m.weight), m.weight.dtype) for m in mods)
         if key != self.key:
-            stacked = torch.cat([m.weight.detach() for m in mods]) if len(mods) > 1 else mods[0].weight.detach()
             self.key, self.weight_t = key, None
-            self.weight = torch.ops.mkldnn._reorder_linear_weight(stacked, rows)
-            biases = [m.bias for m in mods]
-            self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(_stacked(mods, "weight"), rows)
+            self.bias = None if mods[0].bias is None else _stacked(mods, "bias")
         if backward and self.weight_t is None:
-            stacked = torch.cat([m.weight.detach() for m in mods]) if len(mods) > 1 else mods[0].weight.detach()
-            self.weight_t = torch.ops.mkldnn._reorder_linear_weight(stacked.t().contiguous(), rows)
+            self.weight_t = torch.ops.mkldnn._reorder_linear_weight(_stacked(mods, "weight").t().contiguous(), rows)
         return self.weight_t if backward else self.weight
+
+
+def _stacked(mods: list[nn.Linear], name: str) -> torch.Tensor:
+    """The layers' weights (or biases) one after the other along the output axis, detached."""
+    tensors = [getattr(m, name).detach() for m in mods]
+    return torch.cat(tensors) if len(tensors) > 1 else tensors[0]
 
 
 #: linear layer -> its :class:`_Packed`; weak, so that a freed model frees its packs (a deep copy's
@@ -452,7 +454,7 @@ def pack_linears(backbone: nn.Module) -> int:
     count = 0
     for parent in backbone.modules():
         for mods in _siblings(parent):
-            if not all(isinstance(m.__dict__.get("forward"), type(None)) or _bound_to(m, linear_forward) for m in mods):
+            if not all("forward" not in m.__dict__ or _bound_to(m, linear_forward) for m in mods):
                 continue
             group = _GROUPS.get(mods[0])
             if group is None or group.modules() != mods:
