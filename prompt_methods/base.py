@@ -14,7 +14,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MaxMetric
+from torchmetrics import MaxMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from prompt_methods import runtime
@@ -205,6 +205,7 @@ class PromptModule(Feeding, L.LightningModule):
 
     # ------------------------------------------------------------------ loop
     def setup(self, stage: str) -> None:
+        self._metric_states_out_of_inference()
         self.configure_trainable()
         self._follow_answer_length()
         if stage == "fit":  # whichever optimizer comes (this module's, or LightningCLI's --optimizer)
@@ -223,6 +224,19 @@ class PromptModule(Feeding, L.LightningModule):
         if (self.packs_weights and not self._compiled and self._whole_weights()
                 and runtime.should_pack(self.pack_weights, self.backbone, device)):
             self._linears_packed = runtime.pack_linears(self.backbone) > 0
+
+    def _metric_states_out_of_inference(self) -> None:
+        """Lightning validates, tests and predicts in inference mode, so the metric states an earlier
+        run left are inference tensors, which the in-place updates of a fit's validation (under
+        ``no_grad``) refuse: each such state becomes a normal copy, with the same values."""
+        for metric in self.modules():
+            if not isinstance(metric, Metric):
+                continue
+            for name, value in metric.metric_state.items():
+                if isinstance(value, torch.Tensor) and value.is_inference():
+                    setattr(metric, name, value.clone())
+                elif isinstance(value, list) and any(isinstance(v, torch.Tensor) and v.is_inference() for v in value):
+                    setattr(metric, name, [v.clone() if isinstance(v, torch.Tensor) else v for v in value])
 
     def _whole_weights(self) -> bool:
         """Whether each process holds the backbone's whole weights for the run (one device, or DDP's

@@ -402,6 +402,34 @@ def test_evaluation_loss_is_weighted_and_keeps_a_nan(tiny):
     assert torch.isnan(losses.compute())
 
 
+@pytest.mark.parametrize("first", ["validate", "test", "predict"])
+def test_fit_after_an_evaluation_run(first, tiny, make_data):
+    """A module evaluated first (Lightning runs validate, test and predict in inference mode, so the
+    metric states they leave are inference tensors) then trained by another trainer: fitting, with
+    its validation, runs, and the metrics keep what they held."""
+    import lightning as L
+    from torchmetrics import Metric
+
+    backbone = tiny("llama")
+    dm = make_data(backbone)
+    model = SoftPrompt(backbone=backbone, verbalizer=dm.verbalizer, num_virtual_tokens=4)
+
+    def trainer():
+        return L.Trainer(accelerator="cpu", max_steps=2, val_check_interval=1, limit_val_batches=1, limit_test_batches=1,
+                         limit_predict_batches=1, num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False)
+
+    getattr(trainer(), first)(model, datamodule=dm)
+    best = model.val_acc_best.compute().item() if first == "validate" else None
+    fit = trainer()
+    fit.fit(model, datamodule=dm)
+    assert fit.global_step == 2 and "val/loss" in fit.callback_metrics
+    states = [v for m in model.modules() if isinstance(m, Metric) for v in m.metric_state.values()]
+    assert states and not any(isinstance(v, torch.Tensor) and v.is_inference() for v in states)
+    if best is not None:
+        assert model.val_acc_best.compute().item() >= best
+
+
 def switched(flag: str, name: str, backbone: str, dm, monkeypatch):
     """The method's module for ``dm``, built from seed 0 with the ``runtime`` switch ``flag`` on, then
     again with it off: yields ``(on, module)``."""
