@@ -20,10 +20,10 @@ moves by 5-15% from one minute to the next, so only setups timed side by side co
 Times the raw module step (forward, backward, AdamW) so the numbers isolate the model; "forward"
 is the same loss computed without gradients. ``--task`` picks any task (its DataModule by family).
 ``--allocator keep`` (the default) has glibc keep the memory a step frees (:func:`keep_freed_memory`):
-this bare loop otherwise faults in 25-48k new pages per train step (SST-2 batch 16; 27-43k on a
-BoolQ batch of 8), about 50 ms a step, where a Lightning fit of the same batches faults in 0-55
-(glibc trims its heap in the one and not in the other), so the loop would time a cost that training
-does not pay. ``--allocator glibc`` leaves glibc's own thresholds (results recorded before this
+this bare loop otherwise faults in up to 48k new pages per bf16 train step and 40-106k per fp32
+one (SST-2 batch 16; 27-43k on a bf16 BoolQ batch of 8), 0.1-0.3 s of an fp32 step, where steps of
+a Lightning fit fault in 0-55 (the loop faults with either of the two thresholds set alone), so it
+would time a cost that training does not pay. ``--allocator glibc`` leaves glibc's own thresholds (results recorded before this
 option had them). Process-wide: every setup of a run, ``peft`` included, gets the same. Rows timed
 in rounds also give ``train_page_faults``, the median number of pages faulted in per train step.
 """
