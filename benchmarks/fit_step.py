@@ -19,46 +19,41 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from step_speed import METHODS as STEP_METHODS, page_faults  # noqa: E402  (run as python benchmarks/fit_step.py)
+
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = {"soft_prompt": {"num_virtual_tokens": 20}, "prefix_tuning": {"num_virtual_tokens": 20},
-           "p_tuning": {"num_virtual_tokens": 6}}
-
-
-def _faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+#: the frozen-backbone prompt methods, built as step_speed.py builds them
+METHODS = {name: STEP_METHODS[name] for name in ("soft_prompt", "prefix_tuning", "p_tuning")}
 
 
 def one_run(task: str, method: str, precision: str, batch_size: int, steps: int, threads: int) -> dict:
     """One fit in this process: per step its time, its page faults and the forward of its batch."""
-    sys.path.insert(0, str(ROOT))
     import lightning as L
     import torch
 
     from datamodules import DATAMODULES
-    from prompt_methods import PrefixTuning, PTuning, SoftPrompt
     from tasks.spec import load_task
 
     torch.set_num_threads(threads)
     L.seed_everything(0, verbose=False)  # the same batches, and prompt, under every precision
-    classes = {"soft_prompt": SoftPrompt, "prefix_tuning": PrefixTuning, "p_tuning": PTuning}
     dm = DATAMODULES[load_task(task).family](task=task, max_train_samples=batch_size * steps, batch_size=batch_size)
     dm.setup("fit")
-    model = classes[method](backbone="smollm2-135m", verbalizer=dm.verbalizer, **METHODS[method])
+    cls, kwargs = METHODS[method]
+    model = cls(backbone="smollm2-135m", verbalizer=dm.verbalizer, **kwargs)
     per_step = []
 
     class Timer(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            self.faults, self.start = _faults(), time.perf_counter()
+            self.faults, self.start = page_faults(), time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            step_s, faults = time.perf_counter() - self.start, _faults() - self.faults
+            step_s, faults = time.perf_counter() - self.start, page_faults() - self.faults
             start = time.perf_counter()
             with torch.no_grad(), trainer.precision_plugin.forward_context():
                 pl_module.loss(batch)

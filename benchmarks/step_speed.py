@@ -21,8 +21,8 @@ Times the raw module step (forward, backward, AdamW) so the numbers isolate the 
 is the same loss computed without gradients. ``--task`` picks any task (its DataModule by family).
 ``--allocator keep`` (the default) has glibc keep the memory a step frees (:func:`keep_freed_memory`):
 this bare loop otherwise faults in up to 48k new pages per bf16 train step and 40-106k per fp32
-one (SST-2 batch 16; 27-43k on a bf16 BoolQ batch of 8), 0.1-0.3 s of an fp32 step, where steps of
-a Lightning fit fault in 0-55 (the loop faults with either of the two thresholds set alone), so it
+one (SST-2 batch 16; 27-43k on a bf16 BoolQ batch of 8), 0.1-0.3 s of an fp32 step, where the median step
+of a Lightning fit faults in 0-55 (the loop faults with either of the two thresholds set alone), so it
 would time a cost that training does not pay. ``--allocator glibc`` leaves glibc's own thresholds (results recorded before this
 option had them). Process-wide: every setup of a run, ``peft`` included, gets the same. Rows timed
 in rounds also give ``train_page_faults``, the median number of pages faulted in per train step.
@@ -114,6 +114,11 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
+def page_faults() -> int:
+    """Pages this process has faulted in so far (minor faults: new memory the kernel had to map)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def timed(fn, steps: int) -> float:
     start = time.perf_counter()
     for _ in range(steps):
@@ -164,9 +169,9 @@ def measure_interleaved(task: str, method: str, setups: list[str], attn: str, ba
     times = {setup: {"train": [], "forward": [], "faults": []} for setup in setups}
     for _ in range(rounds):
         for setup, (train_step, forward) in built.items():
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            before = page_faults()
             times[setup]["train"].append(timed(train_step, steps))
-            times[setup]["faults"].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps)
+            times[setup]["faults"].append((page_faults() - before) / steps)
             times[setup]["forward"].append(timed(forward, steps))
     rows = []
     for setup in setups:
