@@ -9,6 +9,8 @@ checkpoint keeps. A method changes only how the backbone is fed, by overriding
 from __future__ import annotations
 
 import os
+import re
+import warnings
 
 import lightning as L
 import torch
@@ -324,11 +326,24 @@ class PromptModule(Feeding, L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.head_trained = True
+        self._expect_frozen_backbone_in_eval()
         trainable, total = count_params(self)
         for logger in self.loggers:
             logger.log_metrics({"params/trainable": trainable, "params/total": total}, step=0)
             logger.log_hyperparams({"trainable_params": trainable, "total_params": total})
         self.print(f"{type(self).__name__}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.4f}%)")
+
+    def _expect_frozen_backbone_in_eval(self) -> None:
+        """Lightning warns about every module in eval mode when training starts. A frozen backbone is
+        there on purpose (no dropout), so that warning is silenced for exactly its count of modules;
+        any other module left in eval mode changes the count and the warning still shows."""
+        if self.tune_backbone:
+            return
+        in_eval = [name for name, module in self.named_modules() if not module.training]
+        if in_eval and all(name == "backbone" or name.startswith("backbone.") for name in in_eval):
+            from lightning.pytorch.utilities.warnings import PossibleUserWarning
+            warnings.filterwarnings("ignore", category=PossibleUserWarning,
+                                    message=re.escape(f"Found {len(in_eval)} module(s) in eval mode at the start of training."))
 
     def answer_texts(self, batch: dict) -> list[str]:
         """Predicted answer strings: extracted spans or greedy generations."""

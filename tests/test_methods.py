@@ -430,6 +430,31 @@ def test_fit_after_an_evaluation_run(first, tiny, make_data):
         assert model.val_acc_best.compute().item() >= best
 
 
+@pytest.mark.parametrize("stray", [False, True])
+def test_eval_mode_warning_only_for_modules_other_than_the_frozen_backbone(stray, tiny, make_data):
+    """A frozen backbone runs in eval mode on purpose, so Lightning's "modules in eval mode" warning
+    stays quiet for it; a module of the method's own left in eval mode still gets the warning."""
+    import warnings
+
+    import lightning as L
+
+    backbone = tiny("llama")
+    dm = make_data(backbone)
+    model = SoftPrompt(backbone=backbone, verbalizer=dm.verbalizer, num_virtual_tokens=4)
+    if stray:
+        model.stray = torch.nn.Dropout(0.1).eval()
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, datamodule=dm)
+    assert trainer.global_step == 1 and not model.backbone.training
+    flagged = [str(w.message) for w in caught if "in eval mode at the start of training" in str(w.message)]
+    in_eval = sum(not m.training for m in model.modules())
+    assert flagged == ([f"Found {in_eval} module(s) in eval mode at the start of training. This may lead to unexpected"
+                        " behavior during training. If this is intentional, you can ignore this warning."] if stray else [])
+
+
 def switched(flag: str, name: str, backbone: str, dm, monkeypatch):
     """The method's module for ``dm``, built from seed 0 with the ``runtime`` switch ``flag`` on, then
     again with it off: yields ``(on, module)``."""
