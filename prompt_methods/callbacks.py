@@ -44,19 +44,45 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def wandb_settings_files() -> dict[str, str]:
+    """``mode`` and ``base_url`` as W&B's settings files hold them: ``wandb login --host URL`` and
+    ``wandb offline``/``online`` write there. The global file (``$WANDB_CONFIG_DIR/settings``, else
+    ``~/.config/wandb/settings``), then the workspace's (``wandb/settings``, or ``.wandb/settings``
+    where that folder exists, under ``$WANDB_DIR`` or the working directory), which wins, as in wandb."""
+    import configparser
+
+    config_dir = os.environ.get("WANDB_CONFIG_DIR")
+    root = Path(os.environ.get("WANDB_DIR") or ".").expanduser()
+    files = [Path(config_dir).expanduser() / "settings" if config_dir else Path("~/.config/wandb/settings").expanduser(),
+             root / (".wandb" if (root / ".wandb").exists() else "wandb") / "settings"]
+    found: dict[str, str] = {}
+    for path in files:
+        parser = configparser.ConfigParser(interpolation=None)
+        try:
+            parser.read(path)
+        except (OSError, configparser.Error):  # unreadable: wandb treats it as empty too
+            continue
+        if parser.has_section("default"):
+            found.update({k: v.strip() for k, v in parser.items("default") if k in ("mode", "base_url") and v.strip()})
+    return found
+
+
 def wandb_offline() -> bool:
-    """Whether runs log to W&B offline: yes when ``WANDB_MODE`` says offline (or disabled); no when it
-    says online, when ``WANDB_API_KEY`` is set, or when ``wandb login`` stored a key (in the netrc
-    file, for ``WANDB_BASE_URL``'s host); otherwise offline, so that nothing waits on the network."""
+    """Whether runs log to W&B offline: yes when ``WANDB_MODE`` (or, without it, the ``mode`` that
+    ``wandb offline`` saved) says offline (or disabled); no when it says online, when
+    ``WANDB_API_KEY`` is set, or when ``wandb login`` stored a key (in the netrc file, for the W&B
+    host: ``WANDB_BASE_URL``, else the ``base_url`` that ``wandb login --host`` saved, else
+    api.wandb.ai); otherwise offline, so that nothing waits on the network."""
     import netrc
     from urllib.parse import urlparse
 
-    mode = os.environ.get("WANDB_MODE", "").lower()
+    saved = wandb_settings_files()
+    mode = (os.environ.get("WANDB_MODE") or saved.get("mode", "")).lower()
     if mode in ("offline", "dryrun", "disabled"):
         return True
     if mode == "online" or os.environ.get("WANDB_API_KEY"):
         return False
-    url = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    url = urlparse(os.environ.get("WANDB_BASE_URL") or saved.get("base_url") or "https://api.wandb.ai")
     try:
         stored = netrc.netrc(os.environ.get("NETRC"))
     except (OSError, netrc.NetrcParseError):

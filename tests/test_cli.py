@@ -236,24 +236,39 @@ def test_lr_scheduler_without_optimizer_is_refused(tiny, family_files, tmp_path,
         run_cli(args, "fit", monkeypatch)
 
 
-@pytest.mark.parametrize("env,netrc_key,offline", [
-    ({}, False, True),                                  # nothing: offline, nothing waits on the network
-    ({}, True, False),                                  # `wandb login` stored a key
-    ({"WANDB_API_KEY": "x" * 40}, False, False),
-    ({"WANDB_MODE": "online"}, False, False),           # asked for
-    ({"WANDB_MODE": "offline", "WANDB_API_KEY": "x" * 40}, True, True),
-    ({"WANDB_BASE_URL": "http://wandb.corp:8080"}, True, False),  # a server of one's own: netrc names host:port
-    ({"WANDB_BASE_URL": "http://other.corp"}, True, True),        # a key for another server
+CORP = {"base_url": "http://wandb.corp:8080"}
+
+
+@pytest.mark.parametrize("env,saved,netrc_key,offline", [
+    ({}, {}, False, True),                                  # nothing: offline, nothing waits on the network
+    ({}, {}, True, False),                                  # `wandb login` stored a key
+    ({"WANDB_API_KEY": "x" * 40}, {}, False, False),
+    ({"WANDB_MODE": "online"}, {}, False, False),           # asked for
+    ({"WANDB_MODE": "offline", "WANDB_API_KEY": "x" * 40}, {}, True, True),
+    ({"WANDB_BASE_URL": "http://wandb.corp:8080"}, {}, True, False),  # a server of one's own: netrc names host:port
+    ({"WANDB_BASE_URL": "http://other.corp"}, {}, True, True),        # a key for another server
+    ({}, {"global": CORP}, True, False),                    # `wandb login --host http://wandb.corp:8080`
+    ({"WANDB_BASE_URL": "http://other.corp"}, {"global": CORP}, True, True),  # the variable beats the file
+    ({}, {"global": {"mode": "offline"}}, True, True),      # `wandb offline`
+    ({}, {"global": {"mode": "offline"}, "workspace": {"mode": "online"}}, False, False),  # the workspace's wins
+    ({"WANDB_MODE": "online"}, {"workspace": {"mode": "offline"}}, False, False),         # the variable beats it
 ])
-def test_wandb_goes_online_with_a_key_or_when_asked(env, netrc_key, offline, tmp_path, monkeypatch):
+def test_wandb_goes_online_with_a_key_or_when_asked(env, saved, netrc_key, offline, tmp_path, monkeypatch):
     from prompt_methods.callbacks import wandb_offline
 
     for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))  # W&B's settings files, as `wandb` writes them
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "root"))
+    for where, folder in (("global", tmp_path / "config"), ("workspace", tmp_path / "root" / "wandb")):
+        if where in saved:
+            folder.mkdir(parents=True)
+            (folder / "settings").write_text("[default]\n" + "".join(f"{k} = {v}\n" for k, v in saved[where].items()))
     rc = tmp_path / "netrc"
-    machine = "wandb.corp:8080" if "corp" in env.get("WANDB_BASE_URL", "") else "api.wandb.ai"
+    corp = "corp" in env.get("WANDB_BASE_URL", "") or saved.get("global") == CORP
+    machine = "wandb.corp:8080" if corp else "api.wandb.ai"
     rc.write_text(f"machine {machine}\n  login user\n  password " + "k" * 40 + "\n" if netrc_key else "")
     rc.chmod(0o600)
     monkeypatch.setenv("NETRC", str(rc))
