@@ -28,6 +28,7 @@ import torch
 from datamodules import DATAMODULES
 from tasks.spec import load_task
 from prompt_methods import PrefixTuning, PTuning, SoftPrompt
+from prompt_methods.optim import adamw
 
 METHODS = {
     "soft_prompt": (SoftPrompt, {"num_virtual_tokens": 20}, None),
@@ -96,7 +97,7 @@ def main() -> None:
         for i in range(args.rounds):
             for residual in (("float32", "bfloat16") if i % 2 == 0 else ("bfloat16", "float32")):
                 model = models[residual]
-                opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
+                opt = adamw([p for p in model.parameters() if p.requires_grad], lr=0.0)  # as training's: fused
 
                 def step(batch):
                     gradient(model, batch, autocast=True)

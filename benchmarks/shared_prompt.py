@@ -26,6 +26,7 @@ import torch
 
 from datamodules import DATAMODULES
 from prompt_methods import PTuning, SoftPrompt, prompt_cache, runtime
+from prompt_methods.optim import adamw
 from tasks.spec import load_task
 
 
@@ -55,7 +56,7 @@ def main() -> None:
     model.configure_trainable()
     model.cast_backbone(torch.bfloat16)
     model.backbone.set_attn_implementation(runtime.attention("auto", "cpu", model.kind))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    opt = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-3)  # the fused AdamW that training uses
 
     def train(batch):
         with torch.autocast("cpu", dtype=torch.bfloat16):
