@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from prompt_methods import runtime
 from prompt_methods.prompt_cache import PromptRow, prompt_row_cache, prompt_row_pays
 from prompt_methods.readout import Feed, position_base
 
@@ -59,8 +60,11 @@ class Feeding:
     def shares_prompt(self) -> bool:
         """Whether prompt vectors before the input may run as one shared row per batch
         (:mod:`prompt_methods.prompt_cache`): on a frozen causal backbone, unless switched off or
-        compiled (the cache would make every layer compile anew)."""
-        return self.share_prompt and self.kind == "causal" and not self.tune_backbone and not self.compile_layers
+        compiled (the cache would make every layer compile anew), or while gradient checkpointing would
+        drop the row's cache (:func:`~prompt_methods.runtime.checkpointing_drops_cache`): the prompt then
+        runs in every row, with the same result."""
+        return (self.share_prompt and self.kind == "causal" and not self.tune_backbone and not self.compile_layers
+                and not runtime.checkpointing_drops_cache(self.backbone))
 
     def feed_with_prompt(self, batch: dict, prompt: torch.Tensor, key: str) -> Feed:
         """Put N prompt vectors (N, H) into the batch: at the template's ``{soft}`` slots if it has

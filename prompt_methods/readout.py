@@ -98,6 +98,15 @@ def base_forward(backbone, feed: Feed, use_cache: bool = False, keep: int | None
             f"the {limit - position_base(backbone)} this backbone has position embeddings for; lower "
             "data.init_args.max_length (or the prompt length)"
         )
+    if (feed.past_key_values is not None or use_cache) and runtime.checkpointing_drops_cache(backbone):
+        raise ValueError(
+            "gradient checkpointing is on in the backbone, and transformers drops the key/value cache a checkpointed "
+            "layer is handed while training; "
+            + ("this method hands its prompt to the layers as one (prefix tuning's keys/values)" if feed.past_key_values
+               is not None else "label words of several tokens are scored as continuations of the prompt's cache")
+            + ": turn gradient checkpointing off (backbone.gradient_checkpointing_disable())"
+            + ("" if feed.past_key_values is not None else ", or give every label one token (data.init_args.label_words)")
+        )
     kwargs = dict(inputs_embeds=feed.inputs_embeds, attention_mask=feed.attention_mask, use_cache=use_cache)
     if feed.position_ids is not None:
         kwargs["position_ids"] = feed.position_ids

@@ -143,6 +143,16 @@ def _tail(backbone: nn.Module) -> tuple[nn.Module | None, list[nn.Module]]:
     return backbone.__dict__["_promptlit_tail"]
 
 
+def checkpointing_drops_cache(backbone: nn.Module) -> bool:
+    """Whether the backbone's layers run under gradient checkpointing in this pass (training mode, with
+    gradients): transformers then drops a key/value cache handed to a layer (the backward replays the
+    layer, and a cache written twice would hold its keys twice), so a prefix or a prompt's cache never
+    reaches attention."""
+    last, _ = _tail(backbone)
+    return (last is not None and getattr(last, "gradient_checkpointing", False) is True and last.training
+            and torch.is_grad_enabled())
+
+
 def _compiled(module: nn.Module) -> bool:
     return getattr(module, "_compiled_call_impl", None) is not None
 

@@ -514,15 +514,72 @@ def test_last_layer_runs_whole_under_gradient_checkpointing(tiny, make_data):
         model.configure_trainable()
         model.eval()
         if checkpointing:
-            enable = getattr(model.backbone, "activation_checkpointing_enable", None)  # the older name warns in 5.x
-            if enable is None:
-                model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            model.backbone.train()  # transformers checkpoints only in training mode
-            model.backbone.config.attention_dropout = 0.0
+            checkpointed(model)
         results.append(loss_scores_grads(model, batch))
     assert_same_training(*results)
+
+
+def checkpointed(model) -> None:
+    """Turn on transformers' gradient checkpointing in the model's backbone, as a user would."""
+    enable = getattr(model.backbone, "activation_checkpointing_enable", None)  # the older name warns in 5.x
+    if enable is None:
+        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.backbone.train()  # transformers checkpoints only in training mode
+    model.backbone.config.attention_dropout = 0.0
+
+
+@pytest.mark.parametrize("name", ["soft_prompt", "p_tuning"])
+def test_shared_prompt_row_steps_aside_under_gradient_checkpointing(name, tiny, make_data):
+    """transformers drops the cache a checkpointed layer is handed while training, which is how the
+    shared prompt row reaches the other rows: under checkpointing the prompt runs in every row, with
+    the loss, scores and gradients of a run without checkpointing (and of the shared row)."""
+    from prompt_methods import runtime
+
+    cls, kwargs = METHODS[name]
+    backbone = tiny("llama")
+    dm = make_data(backbone, label_words={"0": ["the"], "1": ["great"]})
+    batch = next(iter(dm.train_dataloader()))
+    results = []
+    for checkpointing in (True, False):
+        torch.manual_seed(0)
+        model = cls(backbone=backbone, verbalizer=dm.verbalizer, share_prompt=True, **kwargs)
+        model.configure_trainable()
+        model.eval()
+        if checkpointing:
+            checkpointed(model)
+            assert runtime.checkpointing_drops_cache(model.backbone) and not model.shares_prompt()
+            with torch.no_grad():  # no backward to replay the layers: the row is used
+                assert not runtime.checkpointing_drops_cache(model.backbone) and model.shares_prompt()
+        else:
+            assert model.shares_prompt() and model.feed(batch).prompt_row is not None  # the row is taken here
+        results.append(loss_scores_grads(model, batch))
+    assert_same_training(*results)
+
+
+@pytest.mark.parametrize("case", ["prefix", "multi_token_words"])
+def test_cache_paths_refused_clearly_under_gradient_checkpointing(case, tiny, make_data):
+    """Prefix tuning's keys/values and multi-token label words' continuations need the cache that
+    transformers drops under gradient checkpointing: a clear error saying so, not a shape mismatch
+    deep inside attention. Evaluation (no gradients) still runs."""
+    backbone = tiny("llama")
+    if case == "prefix":
+        cls, kwargs = METHODS["prefix_tuning"]
+        dm = make_data(backbone, label_words={"0": ["the"], "1": ["great"]})
+        batch = next(iter(dm.train_dataloader()))
+    else:
+        cls, kwargs = METHODS["soft_prompt"]
+        _, dm, batch = multi_token_batch(backbone, make_data)
+    model = cls(backbone=backbone, verbalizer=dm.verbalizer, **kwargs)
+    model.configure_trainable()
+    checkpointed(model)
+    with pytest.raises(ValueError, match="gradient checkpointing is on in the backbone.*gradient_checkpointing_disable") as err:
+        model.loss(batch)
+    assert ("prefix tuning" in str(err.value)) == (case == "prefix")
+    assert ("data.init_args.label_words" in str(err.value)) == (case != "prefix")
+    with torch.no_grad():
+        assert torch.isfinite(model.loss(batch)[0])
 
 
 @pytest.mark.parametrize("name", ["hard_prompt_tuned", "soft_prompt", "prefix_tuning", "p_tuning", "fine_tuning"])
