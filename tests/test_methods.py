@@ -500,25 +500,6 @@ def test_last_layer_runs_only_where_the_answer_is_read(name, arch, tiny, make_da
     assert_same_training(*results)
 
 
-def test_last_layer_runs_whole_under_gradient_checkpointing(tiny, make_data):
-    """Gradient checkpointing runs each layer again in the backward, outside the forward's trimming:
-    the last layer then runs whole, with the gradients of a run without checkpointing."""
-    cls, kwargs = METHODS["soft_prompt"]
-    backbone = tiny("llama")
-    dm = make_data(backbone, label_words={"0": ["the"], "1": ["great"]})  # one token each: no cache in the pass
-    batch = next(iter(dm.train_dataloader()))
-    results = []
-    for checkpointing in (True, False):
-        torch.manual_seed(0)
-        model = cls(backbone=backbone, verbalizer=dm.verbalizer, share_prompt=False, **kwargs)
-        model.configure_trainable()
-        model.eval()
-        if checkpointing:
-            checkpointed(model)
-        results.append(loss_scores_grads(model, batch))
-    assert_same_training(*results)
-
-
 def checkpointed(model) -> None:
     """Turn on transformers' gradient checkpointing in the model's backbone, as a user would."""
     enable = getattr(model.backbone, "activation_checkpointing_enable", None)  # the older name warns in 5.x
@@ -530,29 +511,30 @@ def checkpointed(model) -> None:
     model.backbone.config.attention_dropout = 0.0
 
 
-@pytest.mark.parametrize("name", ["soft_prompt", "p_tuning"])
-def test_shared_prompt_row_steps_aside_under_gradient_checkpointing(name, tiny, make_data):
-    """transformers drops the cache a checkpointed layer is handed while training, which is how the
-    shared prompt row reaches the other rows: under checkpointing the prompt runs in every row, with
-    the loss, scores and gradients of a run without checkpointing (and of the shared row)."""
+@pytest.mark.parametrize("name,share", [("soft_prompt", False), ("soft_prompt", True), ("p_tuning", True)])
+def test_training_under_gradient_checkpointing(name, share, tiny, make_data):
+    """Gradient checkpointing runs each layer again in the backward, outside the forward's trimming:
+    the last layer then runs whole. And transformers drops the cache a checkpointed layer is handed
+    while training, which is how the shared prompt row reaches the other rows: the prompt then runs in
+    every row. Either way, the loss, scores and gradients of a run without checkpointing."""
     from prompt_methods import runtime
 
     cls, kwargs = METHODS[name]
     backbone = tiny("llama")
-    dm = make_data(backbone, label_words={"0": ["the"], "1": ["great"]})
+    dm = make_data(backbone, label_words={"0": ["the"], "1": ["great"]})  # one token each: no cache in the pass
     batch = next(iter(dm.train_dataloader()))
     results = []
     for checkpointing in (True, False):
         torch.manual_seed(0)
-        model = cls(backbone=backbone, verbalizer=dm.verbalizer, share_prompt=True, **kwargs)
+        model = cls(backbone=backbone, verbalizer=dm.verbalizer, share_prompt=share, **kwargs)
         model.configure_trainable()
         model.eval()
         if checkpointing:
             checkpointed(model)
             assert runtime.checkpointing_drops_cache(model.backbone) and not model.shares_prompt()
-            with torch.no_grad():  # no backward to replay the layers: the row is used
-                assert not runtime.checkpointing_drops_cache(model.backbone) and model.shares_prompt()
-        else:
+            with torch.no_grad():  # no backward to replay the layers: the row may be used
+                assert not runtime.checkpointing_drops_cache(model.backbone) and model.shares_prompt() == share
+        elif share:
             assert model.shares_prompt() and model.feed(batch).prompt_row is not None  # the row is taken here
         results.append(loss_scores_grads(model, batch))
     assert_same_training(*results)
