@@ -61,10 +61,10 @@ class Feeding:
         """Whether prompt vectors before the input may run as one shared row per batch
         (:mod:`prompt_methods.prompt_cache`): on a frozen causal backbone, unless switched off or
         compiled (the cache would make every layer compile anew), or while gradient checkpointing would
-        drop the row's cache (:func:`~prompt_methods.runtime.checkpointing_drops_cache`): the prompt then
+        drop the row's cache (:func:`~prompt_methods.runtime.checkpointed_pass`): the prompt then
         runs in every row, with the same result."""
         return (self.share_prompt and self.kind == "causal" and not self.tune_backbone and not self.compile_layers
-                and not runtime.checkpointing_drops_cache(self.backbone))
+                and not runtime.checkpointed_pass(self.backbone))
 
     def feed_with_prompt(self, batch: dict, prompt: torch.Tensor, key: str) -> Feed:
         """Put N prompt vectors (N, H) into the batch: at the template's ``{soft}`` slots if it has

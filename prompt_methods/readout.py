@@ -98,7 +98,7 @@ def base_forward(backbone, feed: Feed, use_cache: bool = False, keep: int | None
             f"the {limit - position_base(backbone)} this backbone has position embeddings for; lower "
             "data.init_args.max_length (or the prompt length)"
         )
-    if (feed.past_key_values is not None or use_cache) and runtime.checkpointing_drops_cache(backbone):
+    if (feed.past_key_values is not None or use_cache) and runtime.checkpointed_pass(backbone):
         raise ValueError(
             "gradient checkpointing is on in the backbone, and transformers drops the key/value cache a checkpointed "
             "layer is handed while training; "

@@ -143,11 +143,12 @@ def _tail(backbone: nn.Module) -> tuple[nn.Module | None, list[nn.Module]]:
     return backbone.__dict__["_promptlit_tail"]
 
 
-def checkpointing_drops_cache(backbone: nn.Module) -> bool:
+def checkpointed_pass(backbone: nn.Module) -> bool:
     """Whether the backbone's layers run under gradient checkpointing in this pass (training mode, with
-    gradients): transformers then drops a key/value cache handed to a layer (the backward replays the
-    layer, and a cache written twice would hold its keys twice), so a prefix or a prompt's cache never
-    reaches attention."""
+    gradients), so that the backward runs each layer again. transformers then drops a key/value cache
+    handed to a layer (a cache written twice would hold its keys twice): a prefix or a prompt's cache
+    never reaches attention. Reads the flag transformers sets on each checkpointed layer, on the last
+    one, found once (``is_activation_checkpointing`` walks every module, 1.3 ms a call on SmolLM2)."""
     last, _ = _tail(backbone)
     return (last is not None and getattr(last, "gradient_checkpointing", False) is True and last.training
             and torch.is_grad_enabled())
@@ -167,14 +168,10 @@ def last_layer_reads(backbone: nn.Module, keep: int | None):
     Keys and values of the last layer are still computed at every position, so a cache returned from
     the pass is complete. In SmolLM2's layers the two parts are 84% of a position's matmul work, so
     this skips nearly 1/30 of a short sequence's matmuls, forward and backward alike. ``keep=None``,
-    a compiled layer (its graph calls the parts itself), gradient checkpointing (its backward runs the
-    layer again, outside this block) or :data:`TRIM_TAIL` off run the whole layer."""
+    a compiled layer (its graph calls the parts itself), a checkpointed pass (:func:`checkpointed_pass`: its
+    backward runs the layer again, outside this block) or :data:`TRIM_TAIL` off run the whole layer."""
     last, parts = _tail(backbone) if keep and TRIM_TAIL else (None, [])
-    # transformers marks a checkpointed layer (and the base model) with ``gradient_checkpointing``; its
-    # ``is_activation_checkpointing`` walks every module, 1.3 ms a call on SmolLM2: too slow per forward
-    checkpointing = last is not None and any(getattr(m, "gradient_checkpointing", False) is True
-                                             for m in (last, getattr(backbone, "base_model", backbone)))
-    if last is None or checkpointing or _compiled(last) or any(_compiled(m) for m in parts):
+    if last is None or checkpointed_pass(backbone) or _compiled(last) or any(_compiled(m) for m in parts):
         parts = []
     saved = []
     for module in parts:

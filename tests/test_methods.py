@@ -531,9 +531,9 @@ def test_training_under_gradient_checkpointing(name, share, tiny, make_data):
         model.eval()
         if checkpointing:
             checkpointed(model)
-            assert runtime.checkpointing_drops_cache(model.backbone) and not model.shares_prompt()
+            assert runtime.checkpointed_pass(model.backbone) and not model.shares_prompt()
             with torch.no_grad():  # no backward to replay the layers: the row may be used
-                assert not runtime.checkpointing_drops_cache(model.backbone) and model.shares_prompt() == share
+                assert not runtime.checkpointed_pass(model.backbone) and model.shares_prompt() == share
         elif share:
             assert model.shares_prompt() and model.feed(batch).prompt_row is not None  # the row is taken here
         results.append(loss_scores_grads(model, batch))
