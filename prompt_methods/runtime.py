@@ -332,6 +332,7 @@ class _Packed:
         self.members = [weakref.ref(m) for m in members]
         self.sizes = [m.out_features for m in members]
         self.key, self.weight, self.weight_t, self.bias = None, None, None, None
+        self.storages: list[weakref.ref] = []
         self.ready: dict[int, tuple] = {}
 
     def modules(self) -> list[nn.Linear] | None:
@@ -340,8 +341,13 @@ class _Packed:
 
     def packs(self, mods: list[nn.Linear], rows: int, backward: bool = False):
         key = tuple((m.weight.data_ptr(), _version(m.weight), m.weight.dtype) for m in mods)
-        if key != self.key:
+        storages = [m.weight.untyped_storage() for m in mods]
+        # the storages themselves too: a weight cast away and back (``.bfloat16().float()``) can get a new
+        # storage at the freed address of its old one, with the same pointer, version and dtype
+        if key != self.key or len(storages) != len(self.storages) or any(
+                ref() is not storage for ref, storage in zip(self.storages, storages)):
             self.key, self.weight_t = key, None
+            self.storages = [weakref.ref(storage) for storage in storages]  # weak: a freed weight is not kept
             self.weight = torch.ops.mkldnn._reorder_linear_weight(_stacked(mods, "weight"), rows)
             self.bias = None if mods[0].bias is None else _stacked(mods, "bias")
         if backward and self.weight_t is None:

@@ -625,6 +625,32 @@ def test_packed_linears_train_as_plain_matmuls(name, tiny, make_data, monkeypatc
     assert_same_training(*results)
 
 
+def test_packed_linear_repacks_a_new_storage_at_the_old_address():
+    """A weight replaced by a new storage that sits where the old one was (the allocator reuses freed
+    memory, e.g. after ``.bfloat16().float()``), with the same pointer, version and dtype: the layer
+    repacks instead of multiplying by the old weight's packed copy."""
+    from torch import nn
+
+    from prompt_methods import runtime
+
+    if not runtime._pack_ops_available():
+        pytest.skip("this torch has no oneDNN")
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8, bias=False).requires_grad_(False)
+    assert runtime.pack_linears(lin) == 1
+    memory = bytearray(lin.weight.numel() * 4)
+    first = torch.frombuffer(memory, dtype=torch.float32).view(8, 16)
+    first.copy_(lin.weight)
+    lin.weight.data = first
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(lin(x), x @ first.T)  # packed now
+    packed_for = (lin.weight.data_ptr(), lin.weight._version, lin.weight.dtype)
+    memory[:] = torch.randn(8, 16).numpy().tobytes()  # new values, written past torch's version counter
+    lin.weight.data = torch.frombuffer(memory, dtype=torch.float32).view(8, 16)  # a new storage, same address
+    assert (lin.weight.data_ptr(), lin.weight._version, lin.weight.dtype) == packed_for
+    torch.testing.assert_close(lin(x), x @ lin.weight.T)
+
+
 def test_packed_linears_follow_their_weights():
     """A packed layer matches ``F.linear`` (bitwise under bf16 autocast), repacks when its weight
     changes in place, leaves a trained weight, a float16 input and a deep copy's weights to the
